@@ -1,0 +1,9 @@
+"""asgi-events: per-user real-time events over WebSocket for any ASGI app."""
+
+from .errors import AsgiEventsError, InvalidEventError
+from .hub import EventHub
+from .middleware import EventsMiddleware
+
+__version__ = "0.1.0"
+
+__all__ = ("AsgiEventsError", "EventHub", "EventsMiddleware", "InvalidEventError", "__version__")

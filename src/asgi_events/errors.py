@@ -1,0 +1,11 @@
+"""The package's exceptions: one base class, one subclass per kind of misuse."""
+
+from __future__ import annotations
+
+
+class AsgiEventsError(Exception):
+    """Base class of every error raised by asgi-events."""
+
+
+class InvalidEventError(AsgiEventsError, ValueError):
+    """An event passed to ``broadcast`` is not a mapping with a string ``type`` or is not JSON."""

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from asgi_events.auth import SUBPROTOCOL, parse_handshake, verify
+
+
+def scope(query: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None, **kw: Any) -> Any:
+    return {"type": "websocket", "query_string": query, "headers": headers or [], **kw}
+
+
+@pytest.mark.parametrize(
+    ("query", "headers", "token"),
+    [
+        (b"token=abc", [], "abc"),
+        (b"token=a%20b%2Bc", [], "a b+c"),
+        (b"", [(b"authorization", b"Bearer xyz")], "xyz"),
+        (b"", [(b"Authorization", b"bEaReR   xyz  ")], "xyz"),
+        (b"token=q", [(b"authorization", b"Bearer h")], "q"),  # the query wins
+        (b"token=", [(b"authorization", b"Bearer h")], "h"),  # an empty one does not
+        (b"", [(b"authorization", b"Basic dXNlcg==")], None),
+        (b"", [(b"authorization", b"Bearer")], None),
+        (b"token=a&token=b", [], "a"),
+        (b"%zz&&==&token", [], None),
+        (b"", [], None),
+    ],
+)
+def test_token_sources(query: bytes, headers: list[tuple[bytes, bytes]], token: str | None) -> None:
+    assert parse_handshake(scope(query, headers)).token == token
+
+
+def test_resume_parameters_and_subprotocol() -> None:
+    hs = parse_handshake(
+        scope(b"lastEventId=e.5&lastEventTs=2020-01-01T00:00:00Z", subprotocols=["x", SUBPROTOCOL])
+    )
+    assert (hs.last_event_id, hs.last_event_ts, hs.subprotocol) == (
+        "e.5",
+        "2020-01-01T00:00:00Z",
+        SUBPROTOCOL,
+    )
+    assert hs.resuming
+    plain = parse_handshake(scope(b"", subprotocols=["other"]))
+    assert (plain.subprotocol, plain.resuming) == (None, False)
+
+
+def test_non_utf8_query_does_not_raise() -> None:
+    assert parse_handshake(scope(b"token=%ff%fe")).token is not None
+
+
+async def test_verify_sync_async_and_awaitable_returning(anyio_backend: str) -> None:
+    async def async_verify(token: str) -> str | None:
+        return token.upper()
+
+    class Verifier:
+        async def __call__(self, token: str) -> str | None:
+            return token + "!"
+
+    assert await verify(lambda t: t * 2, "a", 1) == "aa"
+    assert await verify(async_verify, "a", 1) == "A"
+    assert await verify(Verifier(), "a", 1) == "a!"
+    assert await verify(lambda t: None, "a", 1) is None
+    with pytest.raises(TypeError):
+        await verify(lambda t: 42, "a", 1)  # type: ignore[arg-type,return-value]
