@@ -116,9 +116,7 @@ async def serve(anyio_backend: str) -> AsyncIterator[ServeFn]:
             await server.stop()
 
 
-async def _run(
-    backend: str, app: ASGIApp, cfg: Config, server: Server
-) -> None:
+async def _run(backend: str, app: ASGIApp, cfg: Config, server: Server) -> None:
     try:
         if backend == "trio":
             from hypercorn.trio import serve as trio_serve

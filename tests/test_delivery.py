@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import anyio
+import anyio.lowlevel
 import pytest
 from httpx_ws import WebSocketDisconnect, WebSocketUpgradeError
 
@@ -66,7 +67,8 @@ async def test_given_timestamp_is_kept_and_transient_has_no_id(
     server = await serve()
     async with connect(server.ws_url(token="tok-alice")) as ws:
         ts = "2020-05-05T05:05:05.000Z"
-        await server.hub.broadcast("alice", {"type": "JOB_PROGRESS", "payload": 50, "timestamp": ts})
+        event = {"type": "JOB_PROGRESS", "payload": 50, "timestamp": ts}
+        await server.hub.broadcast("alice", event)
         assert await recv(ws) == {"type": "JOB_PROGRESS", "payload": 50, "timestamp": ts}
 
 
@@ -145,9 +147,7 @@ async def test_ping_pong(serve: ServeFn, connect: Connect) -> None:
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
-async def test_client_messages_reach_the_hook(
-    serve: ServeFn, connect: Connect, kind: str
-) -> None:
+async def test_client_messages_reach_the_hook(serve: ServeFn, connect: Connect, kind: str) -> None:
     got: list[tuple[str, dict[str, object]]] = []
     arrived = anyio.Event()
 
@@ -157,7 +157,7 @@ async def test_client_messages_reach_the_hook(
             arrived.set()
 
     async def async_hook(user: str, message: dict[str, object]) -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         sync_hook(user, message)
 
     hook = sync_hook if kind == "sync" else async_hook

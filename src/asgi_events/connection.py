@@ -124,9 +124,11 @@ async def _authenticate(hub: EventHub, handshake: Handshake) -> tuple[str | None
 
 async def _write(conn: Connection, send: Send, hub: EventHub, group: anyio.CancelScope) -> None:
     await conn.outbox.run(send, hub._slots)
-    # The close frame is out: give the peer a bounded time to answer it, then end the socket.
+    # The close frame is out: the socket no longer counts as open. Give the peer a bounded
+    # time to answer it (closing the TCP connection first could reset what it has not read).
     if conn.state is State.OPEN:
         conn.to(State.CLOSING)
+    hub._detach(conn)
     group.deadline = min(group.deadline, anyio.current_time() + CLOSE_TIMEOUT)
 
 

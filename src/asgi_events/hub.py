@@ -159,8 +159,11 @@ class EventHub:
         assert task_group is not None, "the hub was not entered"
         with anyio.CancelScope(shield=True):
             await self.shutdown()
+        # Only background work runs in this group: stop it, and let the body's error (if any)
+        # propagate as it is rather than wrapped in an exception group.
         task_group.cancel_scope.cancel()
-        return await task_group.__aexit__(exc_type, exc, tb)
+        await task_group.__aexit__(None, None, None)
+        return None
 
     async def _expire_buffers(self) -> None:
         interval = max(min(self._log.max_age / 10, 30.0), 0.05)
