@@ -6,6 +6,7 @@ import logging
 import threading
 
 import anyio
+import anyio.from_thread
 import pytest
 
 from asgi_events import EventHub
@@ -35,7 +36,7 @@ async def test_a_hanging_verify_token_times_out_and_blocks_nobody(
     serve: ServeFn, connect: Connect, kind: str
 ) -> None:
     release = threading.Event()
-    started = threading.Event()
+    started = anyio.Event()
 
     async def async_verify(token: str) -> str | None:
         if token == "tok-hang":
@@ -45,7 +46,7 @@ async def test_a_hanging_verify_token_times_out_and_blocks_nobody(
 
     def sync_verify(token: str) -> str | None:
         if token == "tok-hang":
-            started.set()
+            anyio.from_thread.run_sync(started.set)
             release.wait(10)  # blocks its worker thread, never the event loop
         return users(token)
 
@@ -61,8 +62,7 @@ async def test_a_hanging_verify_token_times_out_and_blocks_nobody(
 
             tg.start_soon(hanging)
             with anyio.fail_after(5):
-                while not started.is_set():
-                    await anyio.sleep(0.01)
+                await started.wait()
             async with connect(server.ws_url(token="tok-alice")) as ws:
                 await ws.send_text("ping")
                 assert await ws.receive_text(timeout=5) == "pong"
