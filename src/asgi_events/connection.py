@@ -66,13 +66,12 @@ async def serve(hub: EventHub, scope: Scope, receive: Receive, send: Send) -> No
         return
     handshake = parse_handshake(scope)
     accept = {"type": "websocket.accept", "subprotocol": handshake.subprotocol}
-    if not hub._accepting:
-        await send(accept)
-        await send(close_message(1001, "Server shutdown"))
-        return
     user_id, code, reason = await _authenticate(hub, handshake)
-    if user_id is None:
+    if not hub._accepting:  # the hub is shut down (perhaps while verify_token ran)
+        user_id, code, reason = None, 1001, "Server shutdown"
+    elif user_id is None:
         hub._counters.auth_failures += 1
+    if user_id is None:
         await send(accept)
         await send(close_message(code, reason))
         return

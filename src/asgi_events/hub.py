@@ -141,7 +141,12 @@ class EventHub:
         self._log = ReplayLog(size=self._log.size, max_age=self._log.max_age)
 
     async def __aenter__(self) -> EventHub:
-        """Start the hub's background work (buffer expiry); the middleware does this on startup."""
+        """Start the hub's background work (buffer expiry); the middleware does this on startup.
+
+        :raises RuntimeError: the hub is running already (one lifespan per hub).
+        """
+        if self._task_group is not None:
+            raise RuntimeError("this EventHub is running already: give each app its own hub")
         self._accepting = True
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
