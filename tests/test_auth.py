@@ -40,9 +40,8 @@ def test_resume_parameters_and_subprotocol() -> None:
         "2020-01-01T00:00:00Z",
         SUBPROTOCOL,
     )
-    assert hs.resuming
     plain = parse_handshake(scope(b"", subprotocols=["other"]))
-    assert (plain.subprotocol, plain.resuming) == (None, False)
+    assert (plain.subprotocol, plain.last_event_id, plain.last_event_ts) == (None, None, None)
 
 
 def test_non_utf8_query_does_not_raise() -> None:

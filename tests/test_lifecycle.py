@@ -19,7 +19,7 @@ BIG = "x" * 65536
 async def test_a_client_that_stops_reading_is_closed_with_1013_and_loses_nothing(
     serve: ServeFn, connect: Connect
 ) -> None:
-    hub = EventHub(users, buffer_size=5000, send_queue_size=16)
+    hub = EventHub(users)  # the default sizes: 200 buffered, 1024 queued
     server = await serve(hub=hub)
     healthy_got: list[int] = []
     async with (
@@ -38,6 +38,8 @@ async def test_a_client_that_stops_reading_is_closed_with_1013_and_loses_nothing
                 n += 1
                 if hub.stats()["slow_consumer_closes"]:
                     extra -= 1
+                    # let go at once: no longer open, no longer counted
+                    assert hub.stats()["connections_per_user"] == {"alice": 1, "bob": 1}
                 assert n < 4000, "the stalled socket never overflowed"
         assert healthy_got == list(range(n))
 
@@ -56,10 +58,39 @@ async def test_a_client_that_stops_reading_is_closed_with_1013_and_loses_nothing
         assert stalled_got == list(range(len(stalled_got))) and len(stalled_got) < n
 
     # ... and resumes by id with nothing lost.
-    async with connect(server.ws_url(token="tok-alice", lastEventId=last_id)) as again:
+    url = server.ws_url(token="tok-alice", lastEventId=last_id)
+    async with connect(url, ["asgi-events.v1"]) as again:
         rest = await recv_n(again, n - len(stalled_got))
+        ready = await recv(again)
     assert stalled_got + [f["payload"]["n"] for f in rest] == list(range(n))
+    assert ready["payload"]["recovered"] is True
     assert hub.stats()["slow_consumer_closes"] == 1
+
+
+async def test_a_replay_larger_than_the_queue_is_delivered_whole(
+    serve: ServeFn, connect: Connect
+) -> None:
+    hub = EventHub(users, send_queue_size=16)
+    server = await serve(hub=hub)
+    for n in range(150):
+        await hub.broadcast("alice", {"type": "T", "payload": n})
+    async with connect(server.ws_url(token="tok-alice", lastEventTs="2000-01-01")) as ws:
+        for n in range(150, 160):
+            await hub.broadcast("alice", {"type": "T", "payload": n})
+        assert [f["payload"] for f in await recv_n(ws, 160)] == list(range(160))
+    assert hub.stats()["slow_consumer_closes"] == 0
+
+
+async def test_a_tight_publishing_loop_lets_healthy_sockets_keep_up(
+    serve: ServeFn, connect: Connect
+) -> None:
+    hub = EventHub(users, buffer_size=2000, send_queue_size=256)
+    server = await serve(hub=hub)
+    async with connect(server.ws_url(token="tok-alice")) as ws:
+        for n in range(1000):  # far more than the queue holds, with no await of our own
+            await hub.broadcast("alice", {"type": "T", "payload": n})
+        assert [f["payload"] for f in await recv_n(ws, 1000)] == list(range(1000))
+    assert hub.stats()["slow_consumer_closes"] == 0
 
 
 async def test_shutdown_closes_every_socket_with_1001(serve: ServeFn, connect: Connect) -> None:
@@ -79,6 +110,33 @@ async def test_shutdown_closes_every_socket_with_1001(serve: ServeFn, connect: C
     assert (stats["total_connections"], stats["buffered_events"]) == (0, 0)
     async with connect(server.ws_url(token="tok-alice")) as late:
         assert await close_code(late) == (1001, "Server shutdown")
+
+
+async def test_a_socket_still_in_auth_at_shutdown_is_refused_1001(
+    serve: ServeFn, connect: Connect
+) -> None:
+    in_auth, release = anyio.Event(), anyio.Event()
+
+    async def slow_verify(token: str) -> str | None:
+        in_auth.set()
+        await release.wait()
+        return users(token)
+
+    hub = EventHub(slow_verify)
+    server = await serve(hub=hub)
+    async with anyio.create_task_group() as tg:
+        codes: list[tuple[int, str]] = []
+
+        async def client() -> None:
+            async with connect(server.ws_url(token="tok-alice")) as ws:
+                codes.append(await close_code(ws))
+
+        tg.start_soon(client)
+        with anyio.fail_after(TIMEOUT):
+            await in_auth.wait()
+            await hub.shutdown()
+        release.set()
+    assert codes == [(1001, "Server shutdown")]
 
 
 async def test_shutdown_is_bounded_with_a_stalled_client(serve: ServeFn, connect: Connect) -> None:
@@ -177,10 +235,18 @@ async def test_startup_failure_of_the_inner_app_is_passed_on() -> None:
     assert sent == ["lifespan.startup.failed", "raised"]
 
 
-async def test_inner_app_that_consumed_startup_then_raised() -> None:
+async def test_inner_app_that_took_startup_then_raised_failed_to_start() -> None:
     async def half(scope: Scope, receive: Receive, send: Send) -> None:
         await receive()
-        raise RuntimeError("unsupported")
+        raise RuntimeError("database down")
 
     sent = await drive_lifespan(EventsMiddleware(half, hub=EventHub(users)))
+    assert sent == ["lifespan.startup.failed", "raised"]
+
+
+async def test_inner_app_raising_at_once_has_lifespan_completed_for_it() -> None:
+    async def no_lifespan(scope: Scope, receive: Receive, send: Send) -> None:
+        raise RuntimeError("unsupported scope")
+
+    sent = await drive_lifespan(EventsMiddleware(no_lifespan, hub=EventHub(users)))
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]

@@ -15,7 +15,7 @@ def test_all_is_exactly_the_public_names() -> None:
 def test_public_api_names_and_defaults_of_the_contract() -> None:
     params = inspect.signature(asgi_events.EventHub).parameters
     defaults = {name: p.default for name, p in params.items() if name != "verify_token"}
-    assert list(params)[0] == "verify_token"
+    assert next(iter(params)) == "verify_token"
     assert defaults["transient_types"] == ("JOB_PROGRESS", "CUSTOMER_UPDATE_PROGRESS")
     assert (defaults["buffer_size"], defaults["buffer_max_age"]) == (200, 300.0)
     assert defaults["on_client_message"] is None and defaults["backend"] is None

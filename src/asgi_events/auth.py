@@ -24,16 +24,12 @@ class Handshake:
     last_event_ts: str | None
     subprotocol: str | None  # the subprotocol to accept, if the client offered ours
 
-    @property
-    def resuming(self) -> bool:
-        return self.last_event_id is not None or self.last_event_ts is not None
-
 
 def parse_handshake(scope: Scope) -> Handshake:
     """Read the token (``?token=``, else ``Authorization: Bearer``), resume point, subprotocol."""
     query: dict[str, str] = {}
     raw = scope.get("query_string", b"")
-    for key, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
+    for key, value in parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True):
         query.setdefault(key, value)  # the first of repeated parameters wins
     token = query.get("token") or _bearer(scope)
     offered = scope.get("subprotocols") or ()

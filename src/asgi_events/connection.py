@@ -31,7 +31,7 @@ class State(enum.Enum):
 
 
 _NEXT: dict[State, frozenset[State]] = {
-    State.CONNECTING: frozenset({State.OPEN, State.CLOSED}),
+    State.CONNECTING: frozenset({State.OPEN, State.CLOSING, State.CLOSED}),
     State.OPEN: frozenset({State.CLOSING, State.CLOSED}),
     State.CLOSING: frozenset({State.CLOSED}),
     State.CLOSED: frozenset(),
@@ -54,10 +54,14 @@ class Connection:
         self.state = state
 
     def close(self, code: int, reason: str) -> None:
-        """Ask the writer to send a close frame next; the reader then waits for the peer's."""
-        if self.state is State.OPEN:
+        """Send a close frame next, then give the socket ``CLOSE_TIMEOUT`` to end."""
+        if self.state in (State.CONNECTING, State.OPEN):
             self.to(State.CLOSING)
             self.outbox.close(code, reason)
+            # Also bounds a send blocked by a client that stopped reading (where it can be
+            # cancelled: hypercorn's trio worker shields its writes).
+            deadline = anyio.current_time() + CLOSE_TIMEOUT
+            self.cancel_scope.deadline = min(self.cancel_scope.deadline, deadline)
 
 
 async def serve(hub: EventHub, scope: Scope, receive: Receive, send: Send) -> None:
@@ -76,20 +80,23 @@ async def serve(hub: EventHub, scope: Scope, receive: Receive, send: Send) -> No
         await send(close_message(code, reason))
         return
 
-    conn = Connection(user_id, Outbox(hub._send_queue_size, hub._counters), handshake)
+    outbox = Outbox(hub._send_queue_size, hub._durable_limit, hub._counters)
+    conn = Connection(user_id, outbox, handshake)
     try:
         with conn.cancel_scope:
             # Join before accepting: a client that sees the handshake complete misses nothing.
             hub._attach(conn)  # replay + join live delivery, with no await in between
             await send(accept)
-            conn.to(State.OPEN)
+            if conn.state is State.CONNECTING:  # (not closed by a shutdown meanwhile)
+                conn.to(State.OPEN)
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_write, conn, send, hub, tg.cancel_scope)
+                tg.start_soon(_write, conn, send, hub)
                 await _read(conn, receive, hub)
+                hub._detach(conn)  # the peer is gone: no more pushes
                 tg.cancel_scope.cancel()
     except anyio.get_cancelled_exc_class():
-        # Cancelled from outside (the server stops): say goodbye if the socket is free.
-        if conn.state is State.OPEN and not conn.outbox.sending:
+        # Cancelled from outside (the server stops): say goodbye, within a bound.
+        if conn.state is State.OPEN:
             with anyio.CancelScope(shield=True) as farewell:
                 farewell.deadline = anyio.current_time() + 1.0
                 try:
@@ -98,8 +105,7 @@ async def serve(hub: EventHub, scope: Scope, receive: Receive, send: Send) -> No
                     pass
         raise
     finally:
-        if conn.state is not State.CLOSED:
-            conn.to(State.CLOSED)
+        conn.to(State.CLOSED)
         hub._detach(conn)
 
 
@@ -121,14 +127,11 @@ async def _authenticate(hub: EventHub, handshake: Handshake) -> tuple[str | None
     return user_id, 1000, ""
 
 
-async def _write(conn: Connection, send: Send, hub: EventHub, group: anyio.CancelScope) -> None:
+async def _write(conn: Connection, send: Send, hub: EventHub) -> None:
     await conn.outbox.run(send, hub._slots)
-    # The close frame is out: the socket no longer counts as open. Give the peer a bounded
-    # time to answer it (closing the TCP connection first could reset what it has not read).
-    if conn.state is State.OPEN:
-        conn.to(State.CLOSING)
+    # The close frame is out: the socket no longer counts as open. The reader waits (within
+    # the close deadline) for the peer's answer: closing TCP first could reset unread data.
     hub._detach(conn)
-    group.deadline = min(group.deadline, anyio.current_time() + CLOSE_TIMEOUT)
 
 
 async def _read(conn: Connection, receive: Receive, hub: EventHub) -> None:

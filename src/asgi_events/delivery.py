@@ -5,6 +5,10 @@ deque (no await, no JSON, no task switch) and wake the writer only if it sleeps.
 sends everything queued per wake-up, so a burst costs one wake-up per socket, not one per
 message.
 
+The message's class says what it may cost a client: a ``DurableMessage`` is buffered for replay
+(a client closed for falling behind gets it back by id), a ``TransientMessage`` is shed first
+when its queue is under pressure, and a plain ``dict`` (``broadcast_to_all``) is neither.
+
 ``SendSlots`` lets only a few writers send at once. On trio a send suspends at every message, so
 without it a burst leaves every writer suspended mid-send at once, and the garbage collector
 walks all their frames again and again. A writer whose send makes no progress for
@@ -15,31 +19,169 @@ clients can never hold every slot.
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 
 import anyio
 
 from .stats import Counters
-from .types import Clock, Message, Send
+from .types import Message, Send
+
+# What Outbox.push reports.
+OK = 0
+BUSY = 1  # the queue is past its high-water mark: the publisher should let writers run
+FULL = 2  # the socket cannot keep up: close it (1013); nothing was queued
+
+
+class DurableMessage(dict[str, Any]):
+    """The frame of a buffered event: replayable by id."""
+
+
+class TransientMessage(dict[str, Any]):
+    """The frame of a transient event: live only, shed first under pressure."""
+
+
+def text_message(text: str, kind: type[dict[str, Any]] = dict) -> Message:
+    """The ASGI message for one text frame; built once and shared by every socket it goes to."""
+    return kind(type="websocket.send", text=text)
 
 
 def close_message(code: int, reason: str) -> Message:
     return {"type": "websocket.close", "code": code, "reason": reason}
 
 
-def text_message(text: str) -> Message:
-    """The ASGI message for one text frame; built once and shared by every socket it goes to."""
-    return {"type": "websocket.send", "text": text}
+class Outbox:
+    """One socket's bounded queue of outgoing ASGI messages and the loop that sends them.
+
+    :param limit: messages queued at most; past half of it, transient ones are shed.
+    :param durable_limit: buffered events queued at most. Keep it below the replay buffer's
+        size, so that a socket closed for falling behind can still resume without a gap.
+    """
+
+    __slots__ = (
+        "_close",
+        "_counters",
+        "_durable",
+        "_durable_limit",
+        "_high",
+        "_limit",
+        "_preloaded",
+        "_queue",
+        "_wake",
+        "sent",
+        "stalled",
+    )
+
+    def __init__(self, limit: int, durable_limit: int, counters: Counters) -> None:
+        self._queue: deque[Message] = deque()
+        self._limit = limit
+        self._high = max(limit // 2, 1)
+        self._durable_limit = durable_limit
+        self._durable = 0  # DurableMessages queued
+        self._preloaded = 0  # the replay queued on connect, exempt from the limits
+        self._counters = counters
+        self._wake: anyio.Event | None = None
+        self._close: Message | None = None
+        self.sent = 0
+        self.stalled = False  # lost its send slot once: sends outside the limit
+
+    def push(self, message: Message) -> int:
+        """Queue ``message``; OK, BUSY (queued, or shed if transient) or FULL (not queued)."""
+        if self._close is not None:
+            return OK
+        status = OK
+        if self.pressed:
+            status = self._relieve(message)
+            if status != OK:
+                return status
+            status = BUSY
+        if type(message) is DurableMessage:
+            if self._durable >= self._durable_limit:
+                return FULL
+            self._durable += 1
+        self._queue.append(message)  # (_relieve may have replaced the queue)
+        if self._wake is not None:
+            self._wake.set()
+            self._wake = None
+        return status
+
+    @property
+    def pressed(self) -> bool:
+        """The queue is past its high-water mark (half the limit, a replay not counted)."""
+        return len(self._queue) >= self._high and self._backlog() >= self._high
+
+    def _backlog(self) -> int:
+        return len(self._queue) - max(self._preloaded - self.sent, 0)
+
+    def _relieve(self, message: Message) -> int:
+        """Under pressure: shed transient messages, the incoming one first. OK: queue it."""
+        if type(message) is TransientMessage:
+            self._counters.transient_shed += 1
+            return BUSY
+        if self._backlog() < self._limit:
+            return OK
+        kept = deque(m for m in self._queue if type(m) is not TransientMessage)
+        self._counters.transient_shed += len(self._queue) - len(kept)
+        self._queue = kept
+        return OK if self._backlog() < self._limit else FULL
+
+    def preload(self, messages: list[Message]) -> None:
+        """Queue a replay before the socket joins live delivery; exempt from the limits."""
+        self._queue.extend(messages)
+        self._preloaded += len(messages)
+
+    def close(self, code: int, reason: str) -> None:
+        """Drop what is queued and send a close frame next (after a send in flight, if any)."""
+        if self._close is None:
+            self._close = close_message(code, reason)
+            self._queue.clear()
+            self._durable = 0
+            if self._wake is not None:
+                self._wake.set()
+                self._wake = None
+
+    async def run(self, send: Send, slots: SendSlots) -> None:
+        """Send until closed; returns once the close frame is sent or the peer is gone."""
+        try:
+            while True:
+                if not self._queue and self._close is None:
+                    self._wake = wake = anyio.Event()
+                    await wake.wait()
+                if self._queue:
+                    if self.stalled:
+                        await self._drain(send)
+                    else:
+                        await slots.acquire(self)
+                        try:
+                            await self._drain(send)
+                        finally:
+                            slots.release(self)
+                if self._close is not None and not self._queue:
+                    await send(self._close)
+                    return
+        except OSError:  # some servers raise once the peer is gone; the reader sees that too
+            self.close(1006, "")  # nothing more is sent; later pushes are dropped
+
+    async def _drain(self, send: Send) -> None:
+        start = self.sent
+        try:
+            while self._queue:  # (close() may replace or clear it while a send is in flight)
+                message = self._queue.popleft()
+                if type(message) is DurableMessage:
+                    self._durable -= 1
+                await send(message)
+                self.sent += 1
+        finally:
+            self._counters.messages_sent += self.sent - start
 
 
 class SendSlots:
     """At most ``size`` writers send at once; a stalled one loses its slot to a waiting writer."""
 
-    def __init__(self, size: int, stall_timeout: float, clock: Clock) -> None:
+    def __init__(self, size: int, stall_timeout: float) -> None:
         if size < 1:
             raise ValueError("send slots must be at least 1")
         self._free = size
         self._stall_timeout = stall_timeout
-        self._clock = clock
         # holder -> (its sent count, when that count was last seen to change)
         self._holders: dict[Outbox, tuple[int, float]] = {}
         self._waiters: deque[anyio.Event] = deque()
@@ -62,7 +204,7 @@ class SendSlots:
                 else:
                     self._waiters.remove(granted)
                 raise
-        self._holders[holder] = (holder.sent, self._clock())
+        self._holders[holder] = (holder.sent, anyio.current_time())
 
     def release(self, holder: Outbox) -> None:
         if self._holders.pop(holder, None) is not None:
@@ -75,7 +217,7 @@ class SendSlots:
             self._free += 1
 
     def _revoke_stalled(self) -> None:
-        now = self._clock()
+        now = anyio.current_time()
         for holder, (sent, since) in list(self._holders.items()):
             if holder.sent != sent:
                 self._holders[holder] = (holder.sent, now)
@@ -83,96 +225,3 @@ class SendSlots:
                 del self._holders[holder]
                 holder.stalled = True
                 self._hand_over()
-
-
-class Outbox:
-    """One socket's bounded queue of outgoing ASGI messages and the loop that sends them."""
-
-    __slots__ = (
-        "_close",
-        "_counters",
-        "_limit",
-        "_queue",
-        "_wake",
-        "overflowed",
-        "sending",
-        "sent",
-        "stalled",
-    )
-
-    def __init__(self, limit: int, counters: Counters) -> None:
-        self._queue: deque[Message] = deque()
-        self._limit = limit
-        self._counters = counters
-        self._wake: anyio.Event | None = None
-        self._close: Message | None = None
-        self.sent = 0
-        self.sending = False  # a send is in flight
-        self.stalled = False  # lost its send slot once: sends outside the limit
-        self.overflowed = False
-
-    @property
-    def closing(self) -> bool:
-        return self._close is not None
-
-    def push(self, message: Message) -> None:
-        """Queue ``message``; a full queue closes the socket with 1013 instead."""
-        if self._close is not None:
-            return
-        if len(self._queue) >= self._limit:
-            self.overflowed = True
-            self._counters.slow_consumer_closes += 1
-            self.close(1013, "Slow consumer")
-            return
-        self._queue.append(message)
-        if self._wake is not None:
-            self._wake.set()
-            self._wake = None
-
-    def preload(self, messages: list[Message]) -> None:
-        """Queue a replay before the socket joins live delivery; not counted against the limit."""
-        self._queue.extend(messages)
-
-    def close(self, code: int, reason: str) -> None:
-        """Drop what is queued and send a close frame next (after a send in flight, if any)."""
-        if self._close is None:
-            self._close = close_message(code, reason)
-            self._queue.clear()
-            if self._wake is not None:
-                self._wake.set()
-                self._wake = None
-
-    async def run(self, send: Send, slots: SendSlots) -> None:
-        """Send until closed; returns once the close frame is sent or the peer is gone."""
-        queue = self._queue
-        try:
-            while True:
-                if not queue and self._close is None:
-                    self._wake = wake = anyio.Event()
-                    await wake.wait()
-                if queue:
-                    if self.stalled:
-                        await self._drain(send)
-                    else:
-                        await slots.acquire(self)
-                        try:
-                            await self._drain(send)
-                        finally:
-                            slots.release(self)
-                if self._close is not None and not queue:
-                    await send(self._close)
-                    return
-        except OSError:  # some servers raise once the peer is gone; the reader sees that too
-            self.close(1006, "")  # nothing more is sent; later pushes are dropped
-
-    async def _drain(self, send: Send) -> None:
-        queue = self._queue
-        start = self.sent
-        self.sending = True
-        try:
-            while queue:
-                await send(queue.popleft())
-                self.sent += 1
-        finally:
-            self.sending = False
-            self._counters.messages_sent += self.sent - start

@@ -8,16 +8,18 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from . import codec
 from .buffer import ReplayLog, Resume
 from .connection import Connection
-from .delivery import SendSlots, text_message
+from .delivery import FULL, DurableMessage, Outbox, SendSlots, TransientMessage, text_message
 from .registry import Registry
 from .stats import Counters
 from .types import ClientMessageHook, Clock, Event, Message, VerifyToken
 
 READY = "asgi_events.ready"
+PRESSURE_ROUNDS = 16
 
 
 class EventHub:
@@ -30,8 +32,10 @@ class EventHub:
     :param on_client_message: ``(user_id, message) -> None``, sync or async, for each JSON
         object a client sends. A sync hook runs on the event loop: keep it quick.
     :param backend: ``None`` for the in-memory, one-process hub (the only one so far).
-    :param send_queue_size: live messages queued per socket before it is closed with 1013
-        (a replay on connect does not count against it).
+    :param send_queue_size: messages queued per socket; past half of it transient events are
+        shed, and when it is full the socket is closed with 1013. Independently, a socket with
+        more than ``buffer_size // 2`` buffered events queued is closed with 1013 while it can
+        still resume without a gap. A replay on connect counts against neither.
     :param verify_timeout: seconds ``verify_token`` may take before the socket is closed (1011).
     :param shutdown_timeout: seconds ``shutdown()`` waits for sockets to close before it
         cancels them.
@@ -71,7 +75,8 @@ class EventHub:
         self._log = ReplayLog(size=buffer_size, max_age=buffer_max_age)
         self._registry: Registry[Connection] = Registry()
         self._counters = Counters()
-        self._slots = SendSlots(send_slots, stall_timeout, clock)
+        self._durable_limit = buffer_size // 2 if buffer_size >= 2 else send_queue_size
+        self._slots = SendSlots(send_slots, stall_timeout)
         self._started = clock()
         self._accepting = True
         self._emptied: anyio.Event | None = None
@@ -87,16 +92,15 @@ class EventHub:
         """
         fields = codec.prepare(event)
         if fields["type"] in self._transient:
-            message = text_message(codec.encode(fields))
+            message = text_message(codec.encode(fields), TransientMessage)
         else:
             seq, fields["id"] = self._log.assign()
             text = codec.encode(fields)
             timestamp = codec.parse_timestamp(fields["timestamp"])
             self._log.append(user_id, seq, text, timestamp, self._clock())
-            message = text_message(text)
+            message = text_message(text, DurableMessage)
         self._counters.events_published += 1
-        for conn in self._registry.of(user_id):
-            conn.outbox.push(message)
+        await self._fan_out(self._registry.of(user_id), message)
 
     async def broadcast_to_all(self, event: Event) -> None:
         """Send ``event`` to every open socket; it is not buffered.
@@ -105,8 +109,28 @@ class EventHub:
         """
         message = text_message(codec.encode(codec.prepare(event)))
         self._counters.events_published += 1
-        for conn in self._registry.all():
-            conn.outbox.push(message)
+        await self._fan_out(self._registry.all(), message)
+
+    async def _fan_out(self, conns: Iterable[Connection], message: Message) -> None:
+        full: list[Connection] = []
+        pressed: list[Outbox] = []
+        for conn in conns:
+            status = conn.outbox.push(message)
+            if status:  # the rare path
+                if status == FULL:
+                    full.append(conn)
+                else:
+                    pressed.append(conn.outbox)
+        for conn in full:
+            self._counters.slow_consumer_closes += 1
+            conn.close(1013, "Slow consumer")
+            self._detach(conn)
+        # Queues are filling up: let their writers run before the caller publishes more, for a
+        # few scheduling rounds at most, so that a stalled socket cannot hold the caller up.
+        for _ in range(PRESSURE_ROUNDS if pressed else 0):
+            await anyio.lowlevel.checkpoint()
+            if not any(box.pressed for box in pressed):
+                break
 
     def stats(self) -> dict[str, Any]:
         """Counters and gauges, as a JSON-ready dict."""
@@ -129,11 +153,13 @@ class EventHub:
         """
         self._accepting = False
         if len(self._registry):
-            self._emptied = anyio.Event()
+            if self._emptied is None or self._emptied.is_set():
+                self._emptied = anyio.Event()
+            emptied = self._emptied
             for conn in list(self._registry.all()):
                 conn.close(1001, "Server shutdown")
             with anyio.move_on_after(self._shutdown_timeout):
-                await self._emptied.wait()
+                await emptied.wait()
             for conn in list(self._registry.all()):
                 conn.cancel_scope.cancel()
         self._registry.clear()

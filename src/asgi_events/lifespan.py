@@ -2,8 +2,9 @@
 
 The hub is entered around the inner app's lifespan and shut down on ``lifespan.shutdown``
 before the inner app hears of it (its sockets close while the app's resources still exist).
-An inner app without lifespan support (it raises or returns before ``startup.complete``) gets
-the protocol completed on its behalf, as uvicorn and hypercorn treat such apps.
+An inner app without lifespan support (it raises before it takes ``lifespan.startup``, or
+returns without answering it) gets the protocol completed on its behalf; one that takes
+startup and then raises has failed to start, and the server is told so.
 """
 
 from __future__ import annotations
@@ -21,33 +22,41 @@ logger = logging.getLogger("asgi_events")
 async def run_lifespan(
     app: ASGIApp, hub: EventHub, scope: Scope, receive: Receive, send: Send
 ) -> None:
-    received: list[str] = []
-    sent: list[str] = []
+    got_startup = got_shutdown = answered_startup = False
 
     async def receive_wrapper() -> Message:
+        nonlocal got_startup, got_shutdown
         message = await receive()
-        if message["type"] == "lifespan.shutdown":
-            await hub.shutdown()
-        received.append(message["type"])
+        if message["type"] == "lifespan.startup":
+            got_startup = True
+        elif message["type"] == "lifespan.shutdown":
+            await hub.shutdown()  # sockets close while the app's resources still exist
+            got_shutdown = True
         return message
 
     async def send_wrapper(message: Message) -> None:
-        sent.append(message["type"])
+        nonlocal answered_startup
+        if message["type"] in ("lifespan.startup.complete", "lifespan.startup.failed"):
+            answered_startup = True
         await send(message)
 
     async with hub:
         try:
             await app(scope, receive_wrapper, send_wrapper)
-        except Exception:
-            if "lifespan.startup.complete" in sent or "lifespan.startup.failed" in sent:
+        except Exception as exc:
+            if answered_startup:
+                raise
+            if got_startup:  # it took startup and then failed: that is a startup failure
+                logger.exception("the inner app failed during lifespan startup")
+                await send({"type": "lifespan.startup.failed", "message": repr(exc)})
                 raise
             logger.info("the inner app does not support lifespan; asgi-events completes it")
         else:
-            if "lifespan.startup.complete" in sent or "lifespan.startup.failed" in sent:
+            if answered_startup:
                 return
-        if "lifespan.startup" not in received:
-            await receive()  # lifespan.startup
+        if not got_startup:
+            await receive_wrapper()  # lifespan.startup
         await send({"type": "lifespan.startup.complete"})
-        if "lifespan.shutdown" not in received:
+        if not got_shutdown:
             await receive_wrapper()  # lifespan.shutdown
         await send({"type": "lifespan.shutdown.complete"})

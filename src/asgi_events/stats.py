@@ -20,6 +20,7 @@ class Counters:
     replays_incomplete: int = 0
     replayed_events: int = 0
     slow_consumer_closes: int = 0
+    transient_shed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
