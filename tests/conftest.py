@@ -194,6 +194,12 @@ async def close_code(ws: AsyncWebSocketSession) -> tuple[int, str]:
                 return exc.code, exc.reason
 
 
+async def record_close(connect: Connect, url: str, codes: list[tuple[int, str]]) -> None:
+    """Connect and append the close code and reason the server ends the socket with."""
+    async with connect(url) as ws:
+        codes.append(await close_code(ws))
+
+
 async def assert_silent(ws: AsyncWebSocketSession) -> None:
     """Nothing arrives within the short QUIET window."""
     with pytest.raises(TimeoutError):

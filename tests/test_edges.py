@@ -11,7 +11,7 @@ import pytest
 
 from asgi_events import EventHub
 
-from .conftest import Connect, ServeFn, close_code, recv, users
+from .conftest import Connect, ServeFn, close_code, record_close, recv, users
 
 CANARY = "tok-CANARY-7f3a9"
 
@@ -55,12 +55,7 @@ async def test_a_hanging_verify_token_times_out_and_blocks_nobody(
     try:
         async with anyio.create_task_group() as tg:
             codes: list[tuple[int, str]] = []
-
-            async def hanging() -> None:
-                async with connect(server.ws_url(token="tok-hang")) as ws:
-                    codes.append(await close_code(ws))
-
-            tg.start_soon(hanging)
+            tg.start_soon(record_close, connect, server.ws_url(token="tok-hang"), codes)
             with anyio.fail_after(5):
                 await started.wait()
             async with connect(server.ws_url(token="tok-alice")) as ws:

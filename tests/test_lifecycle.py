@@ -11,7 +11,17 @@ from httpx_ws import WebSocketDisconnect
 from asgi_events import EventHub, EventsMiddleware
 from asgi_events.types import Message, Receive, Scope, Send
 
-from .conftest import TIMEOUT, Connect, ServeFn, close_code, http_app, recv, recv_n, users
+from .conftest import (
+    TIMEOUT,
+    Connect,
+    ServeFn,
+    close_code,
+    http_app,
+    record_close,
+    recv,
+    recv_n,
+    users,
+)
 
 BIG = "x" * 65536
 
@@ -126,12 +136,7 @@ async def test_a_socket_still_in_auth_at_shutdown_is_refused_1001(
     server = await serve(hub=hub)
     async with anyio.create_task_group() as tg:
         codes: list[tuple[int, str]] = []
-
-        async def client() -> None:
-            async with connect(server.ws_url(token="tok-alice")) as ws:
-                codes.append(await close_code(ws))
-
-        tg.start_soon(client)
+        tg.start_soon(record_close, connect, server.ws_url(token="tok-alice"), codes)
         with anyio.fail_after(TIMEOUT):
             await in_auth.wait()
             await hub.shutdown()
