@@ -4,7 +4,8 @@ from typing import Any
 
 import pytest
 
-from asgi_events.auth import SUBPROTOCOL, parse_handshake, verify
+from asgi_events import Principal
+from asgi_events.auth import SUBPROTOCOL, normalize_origin, parse_handshake, verify
 
 
 def scope(query: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None, **kw: Any) -> Any:
@@ -29,6 +30,42 @@ def scope(query: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None, 
 )
 def test_token_sources(query: bytes, headers: list[tuple[bytes, bytes]], token: str | None) -> None:
     assert parse_handshake(scope(query, headers)).token == token
+
+
+@pytest.mark.parametrize(
+    ("query", "headers", "protocols", "token"),
+    [
+        (b"", [], ["asgi-events.v1", "asgi-events.token.abc"], "abc"),
+        (b"", [], ["asgi-events.token."], None),
+        (b"token=q", [], ["asgi-events.token.p"], "q"),  # query, then header, then subprotocol
+        (b"", [(b"authorization", b"Bearer h")], ["asgi-events.token.p"], "h"),
+    ],
+)
+def test_token_as_a_subprotocol(
+    query: bytes, headers: list[tuple[bytes, bytes]], protocols: list[str], token: str | None
+) -> None:
+    hs = parse_handshake(scope(query, headers, subprotocols=protocols))
+    assert hs.token == token
+    assert hs.subprotocol == ("asgi-events.v1" if "asgi-events.v1" in protocols else None)
+
+
+@pytest.mark.parametrize(
+    ("origin", "normal"),
+    [
+        ("https://App.Example.com", "https://app.example.com:443"),
+        ("https://app.example.com:443", "https://app.example.com:443"),
+        ("http://localhost:8000", "http://localhost:8000"),
+        ("http://[::1]:80", "http://::1:80"),
+        ("null", None),
+        ("", None),
+        ("https://", None),
+        ("ftp://host", None),
+        ("http://host:99999", None),
+        ("http://host:x", None),
+    ],
+)
+def test_normalize_origin(origin: str, normal: str | None) -> None:
+    assert normalize_origin(origin) == normal
 
 
 def test_resume_parameters_and_subprotocol() -> None:
@@ -56,9 +93,12 @@ async def test_verify_sync_async_and_awaitable_returning(anyio_backend: str) -> 
         async def __call__(self, token: str) -> str | None:
             return token + "!"
 
-    assert await verify(lambda t: t * 2, "a", 1) == "aa"
-    assert await verify(async_verify, "a", 1) == "A"
-    assert await verify(Verifier(), "a", 1) == "a!"
+    assert await verify(lambda t: t * 2, "a", 1) == Principal("aa")
+    assert await verify(async_verify, "a", 1) == Principal("A")
+    assert await verify(Verifier(), "a", 1) == Principal("a!")
     assert await verify(lambda t: None, "a", 1) is None
-    with pytest.raises(TypeError):
-        await verify(lambda t: 42, "a", 1)  # type: ignore[arg-type,return-value]
+    assert await verify(lambda t: "", "a", 1) is None
+    assert await verify(lambda t: Principal("u", 5.0), "a", 1) == Principal("u", 5.0)
+    for bad in (42, Principal(""), b"bytes"):
+        with pytest.raises(TypeError):
+            await verify(lambda t, bad=bad: bad, "a", 1)  # type: ignore[misc]

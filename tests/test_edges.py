@@ -117,7 +117,7 @@ async def test_malformed_authorization_headers(
 async def test_bad_frames_never_disturb_the_socket_or_others(
     serve: ServeFn, connect: Connect
 ) -> None:
-    server = await serve()
+    server = await serve(hub=EventHub(users, max_message_size=2**21))
     async with (
         connect(server.ws_url(token="tok-alice")) as bad,
         connect(server.ws_url(token="tok-bob")) as other,

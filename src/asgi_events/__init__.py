@@ -3,7 +3,15 @@
 from .errors import AsgiEventsError, InvalidEventError
 from .hub import EventHub
 from .middleware import EventsMiddleware
+from .types import Principal
 
 __version__ = "0.1.0"
 
-__all__ = ("AsgiEventsError", "EventHub", "EventsMiddleware", "InvalidEventError", "__version__")
+__all__ = (
+    "AsgiEventsError",
+    "EventHub",
+    "EventsMiddleware",
+    "InvalidEventError",
+    "Principal",
+    "__version__",
+)

@@ -31,11 +31,16 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class Resume:
-    """What a reconnecting client gets: frames to replay, in order, and whether that is complete."""
+    """What a reconnecting client gets: frames to replay, in order, and whether that is complete.
+
+    When not ``recovered``, ``reason`` says why and ``oldest`` is the oldest id a client could
+    still resume from completely.
+    """
 
     frames: list[str]
     recovered: bool
     reason: GapReason | None = None
+    oldest: str | None = None
 
 
 class _UserLog:
@@ -70,6 +75,9 @@ class _UserLog:
             del self.entries[: self.head]
             self.head = 0
 
+    def newest_ts(self) -> datetime | None:
+        return max((e.timestamp for e in self.live() if e.timestamp), default=None)
+
     def frames_after(self, seq: int) -> list[str]:
         start = bisect_right(self.entries, seq, lo=self.head, key=_seq)
         return [e.frame for e in self.entries[start:]]
@@ -79,17 +87,41 @@ def _seq(entry: Entry) -> int:
     return entry.seq
 
 
-class ReplayLog:
-    """Per-user replay buffers bounded by ``size`` events and ``max_age`` seconds."""
+@dataclass(frozen=True, slots=True)
+class _Forgotten:
+    """What is known of the users of one hash bucket whose logs were dropped whole."""
 
-    def __init__(self, *, size: int, max_age: float, epoch: str | None = None) -> None:
-        if size < 0 or max_age < 0:
-            raise ValueError("buffer size and age must not be negative")
+    upto: int  # the newest seq any of them had
+    why: GapReason
+    latest: datetime | None  # the latest event timestamp any of them had
+
+
+_NOTHING_FORGOTTEN = _Forgotten(0, "evicted", None)
+_BUCKETS = 1 << 14
+
+
+class ReplayLog:
+    """Per-user replay buffers bounded by ``size`` events and ``max_age`` seconds, and by
+    ``max_users`` users (least recently used first out).
+
+    A user's log is dropped whole when the user is evicted or all its events expired. What
+    it had is remembered per hash bucket of user ids (at most ``_BUCKETS`` small records), so
+    a later resume is still told it lost events; a user sharing a bucket with a dropped one may
+    be told so needlessly (conservative, never the other way round).
+    """
+
+    def __init__(
+        self, *, size: int, max_age: float, max_users: int | None = None, epoch: str | None = None
+    ) -> None:
+        if size < 0 or max_age < 0 or (max_users is not None and max_users < 1):
+            raise ValueError("buffer size and age must not be negative, nor max_users below 1")
         self.size = size
         self.max_age = max_age
+        self.max_users = max_users
         self.epoch = epoch or secrets.token_hex(4)
         self._seq = 0
-        self._users: dict[str, _UserLog] = {}
+        self._users: dict[str, _UserLog] = {}  # least recently used first
+        self._forgotten: dict[int, _Forgotten] = {}
 
     def make_id(self, seq: int) -> str:
         return f"{self.epoch}.{seq}"
@@ -103,9 +135,9 @@ class ReplayLog:
         self, user_id: str, seq: int, frame: str, timestamp: datetime | None, now: float
     ) -> None:
         """Buffer ``frame`` as event ``seq`` (from ``assign``, newest so far) of ``user_id``."""
-        log = self._users.get(user_id)
+        log = self._touch(user_id)
         if log is None:
-            log = self._users[user_id] = _UserLog()
+            log = self._new_log(user_id)
         log.last_seq = seq
         log.entries.append(Entry(seq, frame, timestamp, now))
         while len(log) > self.size:
@@ -115,50 +147,93 @@ class ReplayLog:
     def position(self, user_id: str) -> str:
         """The id up to which a client that has everything so far is current."""
         log = self._users.get(user_id)
-        return self.make_id(log.last_seq if log else 0)
+        return self.make_id(log.last_seq if log else self._forgotten_of(user_id).upto)
 
     def since_id(self, user_id: str, last_id: str, now: float) -> Resume:
         """The buffered frames after ``last_id``; ``recovered`` is false if any were lost."""
         epoch, _, digits = last_id.rpartition(".")
-        log = self._users.get(user_id)
+        log = self._touch(user_id)
         if log is not None:
             self._expire(log, now)
+        if log is None:
+            forgotten = self._forgotten_of(user_id)
+            floor, last_seq, why = forgotten.upto, forgotten.upto, forgotten.why
+        else:
+            floor, last_seq, why = log.dropped_upto, log.last_seq, log.dropped_why or "evicted"
+        oldest = self.make_id(floor)
         if not (epoch and digits.isascii() and digits.isdigit() and len(digits) <= 20):
-            return Resume([], recovered=False, reason="unknown")
+            return Resume([], recovered=False, reason="unknown", oldest=oldest)
         if epoch != self.epoch:
             # Everything retained is newer than anything of an earlier epoch.
-            return Resume(log.frames_after(0) if log else [], recovered=False, reason="epoch")
+            frames = log.frames_after(0) if log else []
+            return Resume(frames, recovered=False, reason="epoch", oldest=oldest)
         seq = int(digits)
-        last_seq = log.last_seq if log else 0
         if seq > last_seq:
-            return Resume([], recovered=False, reason="unknown")
-        if log is None:
-            return Resume([], recovered=True)
-        frames = log.frames_after(seq)
-        if seq < log.dropped_upto:
-            return Resume(frames, recovered=False, reason=log.dropped_why)
+            return Resume([], recovered=False, reason="unknown", oldest=oldest)
+        frames = log.frames_after(seq) if log else []
+        if seq < floor:
+            return Resume(frames, recovered=False, reason=why, oldest=oldest)
         return Resume(frames, recovered=True)
 
     def since_timestamp(self, user_id: str, since: datetime, now: float) -> Resume:
         """The buffered frames whose own timestamp is strictly later than ``since``."""
-        log = self._users.get(user_id)
+        log = self._touch(user_id)
         if log is None:
+            forgotten = self._forgotten_of(user_id)
+            if forgotten.latest is not None and forgotten.latest > since:
+                oldest = self.make_id(forgotten.upto)
+                return Resume([], recovered=False, reason=forgotten.why, oldest=oldest)
             return Resume([], recovered=True)
         self._expire(log, now)
         frames = [e.frame for e in log.live() if e.timestamp is not None and e.timestamp > since]
         if log.dropped_ts is not None and log.dropped_ts > since:
-            return Resume(frames, recovered=False, reason=log.dropped_why)
+            why = log.dropped_why or "evicted"
+            return Resume(frames, False, reason=why, oldest=self.make_id(log.dropped_upto))
         return Resume(frames, recovered=True)
 
     def prune(self, now: float) -> None:
-        """Drop every expired entry (lookups and appends also expire lazily)."""
-        for log in self._users.values():
+        """Expire old entries, and drop the logs left empty (lookups also expire lazily)."""
+        for user_id, log in list(self._users.items()):
             self._expire(log, now)
+            if not len(log):
+                self._forget(user_id, log, "expired")
 
     def stats(self) -> tuple[int, int]:
         """(buffered events, users with buffered events)."""
         lengths = [len(log) for log in self._users.values()]
         return sum(lengths), sum(1 for n in lengths if n)
+
+    def _touch(self, user_id: str) -> _UserLog | None:
+        """The user's log, now the most recently used; None if there is none."""
+        log = self._users.pop(user_id, None)
+        if log is not None:
+            self._users[user_id] = log
+        return log
+
+    def _new_log(self, user_id: str) -> _UserLog:
+        if self.max_users is not None and len(self._users) >= self.max_users:
+            lru = next(iter(self._users))
+            self._forget(lru, self._users[lru], "evicted")
+        log = self._users[user_id] = _UserLog()
+        forgotten = self._forgotten_of(user_id)
+        if forgotten.upto:  # this user (or one of its bucket) lost events: say so on resume
+            log.last_seq = log.dropped_upto = forgotten.upto
+            log.dropped_why = forgotten.why
+            log.dropped_ts = forgotten.latest
+        return log
+
+    def _forget(self, user_id: str, log: _UserLog, why: GapReason) -> None:
+        del self._users[user_id]
+        bucket = hash(user_id) & (_BUCKETS - 1)
+        before = self._forgotten.get(bucket, _NOTHING_FORGOTTEN)
+        latest = max(
+            (t for t in (before.latest, log.dropped_ts, log.newest_ts()) if t), default=None
+        )
+        upto = max(before.upto, log.last_seq)
+        self._forgotten[bucket] = _Forgotten(upto, "evicted" if before.upto else why, latest)
+
+    def _forgotten_of(self, user_id: str) -> _Forgotten:
+        return self._forgotten.get(hash(user_id) & (_BUCKETS - 1), _NOTHING_FORGOTTEN)
 
     def _expire(self, log: _UserLog, now: float) -> None:
         cutoff = now - self.max_age

@@ -1,4 +1,4 @@
-"""One WebSocket: handshake, auth, the reader (ping/pong, client messages) and close codes."""
+"""One WebSocket: handshake, refusals, the reader (limits, ping/pong, client messages), close."""
 
 from __future__ import annotations
 
@@ -6,21 +6,42 @@ import enum
 import inspect
 import json
 import logging
+import math
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .auth import Handshake, parse_handshake, verify
+from .auth import Handshake, normalize_origin, parse_handshake, verify
 from .delivery import Outbox, close_message, text_message
+from .limits import TokenBucket
+from .types import Principal
 
 if TYPE_CHECKING:
     from .hub import EventHub
-    from .types import Receive, Scope, Send
+    from .types import Message, Receive, Scope, Send
 
 logger = logging.getLogger("asgi_events")
 
 PONG = text_message("pong")
-CLOSE_TIMEOUT = 5.0  # how long a closing socket waits for the peer's close frame
+CLOSE_TIMEOUT = 5.0  # how long a closing socket may take to finish
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a socket is not served: its close code, and its HTTP status in "http" mode."""
+
+    code: int
+    reason: str
+    status: int
+
+
+AUTH_FAILED = Refusal(1008, "Authentication failed", 401)
+TOKEN_EXPIRED = Refusal(4001, "Token expired", 401)
+AUTH_ERROR = Refusal(1011, "Internal error", 500)
+AUTH_TIMEOUT = Refusal(1011, "Authentication timed out", 503)
+SHUTTING_DOWN = Refusal(1001, "Server shutdown", 503)
 
 
 class State(enum.Enum):
@@ -41,8 +62,9 @@ _NEXT: dict[State, frozenset[State]] = {
 class Connection:
     """One socket of one user: its state, its outbox, and a way to cancel it."""
 
-    def __init__(self, user_id: str, outbox: Outbox, handshake: Handshake) -> None:
-        self.user_id = user_id
+    def __init__(self, principal: Principal, outbox: Outbox, handshake: Handshake) -> None:
+        self.user_id = principal.user_id
+        self.expires_at = principal.expires_at
         self.outbox = outbox
         self.handshake = handshake
         self.state = State.CONNECTING
@@ -64,33 +86,41 @@ class Connection:
             self.cancel_scope.deadline = min(self.cancel_scope.deadline, deadline)
 
 
-async def serve(hub: EventHub, scope: Scope, receive: Receive, send: Send) -> None:
+async def serve(
+    hub: EventHub,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    allowed_origins: frozenset[str] | None = None,
+) -> None:
     """Run one WebSocket at the hub's path from ``websocket.connect`` to its end."""
     if (await receive())["type"] != "websocket.connect":
         return
     handshake = parse_handshake(scope)
-    accept = {"type": "websocket.accept", "subprotocol": handshake.subprotocol}
-    user_id, code, reason = await _authenticate(hub, handshake)
-    if not hub._accepting:  # the hub is shut down (perhaps while verify_token ran)
-        user_id, code, reason = None, 1001, "Server shutdown"
-    elif user_id is None:
-        hub._counters.auth_failures += 1
-    if user_id is None:
-        await send(accept)
-        await send(close_message(code, reason))
+    if allowed_origins is not None and handshake.origin is not None:
+        if normalize_origin(handshake.origin) not in allowed_origins:
+            hub._counters.origin_refusals += 1
+            await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
+            return
+    principal, refusal = await _authenticate(hub, handshake)
+    if principal is None:
+        await _refuse(hub, scope, send, handshake, refusal)
         return
 
-    outbox = Outbox(hub._send_queue_size, hub._durable_limit, hub._counters)
-    conn = Connection(user_id, outbox, handshake)
+    settings = hub._settings
+    outbox = Outbox(settings.send_queue_size, settings.durable_limit, hub._counters)
+    conn = Connection(principal, outbox, handshake)
     try:
         with conn.cancel_scope:
             # Join before accepting: a client that sees the handshake complete misses nothing.
             hub._attach(conn)  # replay + join live delivery, with no await in between
-            await send(accept)
+            await send(_accept(handshake))
             if conn.state is State.CONNECTING:  # (not closed by a shutdown meanwhile)
                 conn.to(State.OPEN)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_write, conn, send, hub)
+                if conn.expires_at is not None:
+                    tg.start_soon(_expire, conn, conn.expires_at)
                 await _read(conn, receive, hub)
                 hub._detach(conn)  # the peer is gone: no more pushes
                 tg.cancel_scope.cancel()
@@ -109,22 +139,61 @@ async def serve(hub: EventHub, scope: Scope, receive: Receive, send: Send) -> No
         hub._detach(conn)
 
 
-async def _authenticate(hub: EventHub, handshake: Handshake) -> tuple[str | None, int, str]:
-    """The user id, or None with the close code and reason to refuse with."""
-    if handshake.token is None:
-        return None, 1008, "Authentication failed"
-    try:
-        user_id = await verify(hub._verify_token, handshake.token, hub._verify_timeout)
-    except TimeoutError:
-        logger.warning("verify_token did not answer within %.1f s", hub._verify_timeout)
-        return None, 1011, "Authentication timed out"
-    except Exception as exc:
-        # The exception text may quote the token, so log only its type.
-        logger.error("verify_token raised %s", type(exc).__name__)
-        return None, 1011, "Internal error"
-    if user_id is None:
-        return None, 1008, "Authentication failed"
-    return user_id, 1000, ""
+def _accept(handshake: Handshake) -> Message:
+    # Only our protocol is ever echoed: a token offered as a subprotocol never is.
+    return {"type": "websocket.accept", "subprotocol": handshake.subprotocol}
+
+
+async def _authenticate(hub: EventHub, handshake: Handshake) -> tuple[Principal | None, Refusal]:
+    """The principal, or None with the refusal to answer with."""
+    principal: Principal | None = None
+    refusal = AUTH_FAILED
+    if handshake.token is not None:
+        try:
+            principal = await verify(
+                hub._verify_token, handshake.token, hub._settings.verify_timeout
+            )
+        except TimeoutError:
+            logger.warning(
+                "verify_token did not answer within %.1f s", hub._settings.verify_timeout
+            )
+            refusal = AUTH_TIMEOUT
+        except Exception as exc:
+            # The exception text may quote the token, so log only its type.
+            logger.error("verify_token raised %s", type(exc).__name__)
+            refusal = AUTH_ERROR
+    if principal is not None and principal.expires_at is not None:
+        if principal.expires_at <= time.time():
+            principal, refusal = None, TOKEN_EXPIRED
+    if not hub._accepting:  # the hub is shut down (perhaps while verify_token ran)
+        principal, refusal = None, SHUTTING_DOWN
+    if principal is None and refusal is not SHUTTING_DOWN:
+        hub._counters.auth_failures += 1
+    return principal, refusal
+
+
+async def _refuse(
+    hub: EventHub, scope: Scope, send: Send, handshake: Handshake, refusal: Refusal
+) -> None:
+    if hub._settings.refusal == "http":
+        if "websocket.http.response" in (scope.get("extensions") or {}):
+            headers = [(b"content-type", b"text/plain; charset=utf-8")]
+            if refusal.status == 401:
+                headers.append((b"www-authenticate", b"Bearer"))
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": refusal.status,
+                    "headers": headers,
+                }
+            )
+            await send({"type": "websocket.http.response.body", "body": refusal.reason.encode()})
+        else:
+            await send({"type": "websocket.close", "code": refusal.code})  # the server sends 403
+        return
+    # Accept, then close: browser JavaScript can read a close code, never a handshake status.
+    await send(_accept(handshake))
+    await send(close_message(refusal.code, refusal.reason))
 
 
 async def _write(conn: Connection, send: Send, hub: EventHub) -> None:
@@ -134,25 +203,66 @@ async def _write(conn: Connection, send: Send, hub: EventHub) -> None:
     hub._detach(conn)
 
 
+async def _expire(conn: Connection, expires_at: float) -> None:
+    await anyio.sleep(expires_at - time.time())
+    conn.close(TOKEN_EXPIRED.code, TOKEN_EXPIRED.reason)
+
+
 async def _read(conn: Connection, receive: Receive, hub: EventHub) -> None:
-    counters = hub._counters
+    settings, counters = hub._settings, hub._counters
+    bucket = (
+        TokenBucket(*settings.rate_limit, anyio.current_time()) if settings.rate_limit else None
+    )
     while True:
-        message = await receive()
+        idle_timeout = settings.idle_timeout if conn.state is State.OPEN else None
+        with anyio.move_on_after(math.inf if idle_timeout is None else idle_timeout) as idle:
+            message = await receive()
+        if idle.cancelled_caught:
+            counters.idle_closes += 1
+            conn.close(4002, "Idle timeout")
+            continue
         kind = message["type"]
         if kind == "websocket.disconnect":
             return
         if kind != "websocket.receive":
             continue
         counters.messages_received += 1
-        text = message.get("text")
-        if text == "ping":
-            conn.outbox.push(PONG)
-            continue
-        data = _parse(text)
-        if data is None:
-            counters.malformed_messages += 1
-        elif hub._on_client_message is not None and conn.state is State.OPEN:
-            await _call_hook(hub, conn.user_id, data)
+        if conn.state is not State.OPEN:
+            continue  # closing: the rest is ignored
+        if bucket is not None and not bucket.take(anyio.current_time()):
+            counters.rate_limited += 1
+            conn.close(1008, "Rate limit exceeded")
+        elif _too_big(message, settings.max_message_size):
+            counters.oversized_messages += 1
+            conn.close(1009, "Message too big")
+        else:
+            await _handle(conn, message, hub)
+
+
+def _too_big(message: Message, limit: int) -> bool:
+    text = message.get("text")
+    if isinstance(text, str):  # UTF-8 takes at most 4 bytes a character: encode only if needed
+        return len(text) * 4 > limit and len(text.encode("utf-8", "replace")) > limit
+    data = message.get("bytes")
+    return isinstance(data, (bytes, bytearray)) and len(data) > limit
+
+
+async def _handle(conn: Connection, message: Message, hub: EventHub) -> None:
+    text = message.get("text")
+    if text == "ping":
+        conn.outbox.push(PONG)
+        return
+    data = _parse(text)
+    if data is None:
+        hub._counters.malformed_messages += 1
+    elif hub._on_client_message is not None:
+        try:
+            result = hub._on_client_message(conn.user_id, data)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            hub._counters.hook_errors += 1
+            logger.exception("on_client_message raised for a message of user %r", conn.user_id)
 
 
 def _parse(text: object) -> dict[str, Any] | None:
@@ -163,14 +273,3 @@ def _parse(text: object) -> dict[str, Any] | None:
     except (ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
-
-
-async def _call_hook(hub: EventHub, user_id: str, data: dict[str, Any]) -> None:
-    assert hub._on_client_message is not None
-    try:
-        result = hub._on_client_message(user_id, data)
-        if inspect.isawaitable(result):
-            await result
-    except Exception:
-        hub._counters.hook_errors += 1
-        logger.exception("on_client_message raised for a message of user %r", user_id)

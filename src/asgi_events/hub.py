@@ -14,6 +14,7 @@ from . import codec
 from .buffer import ReplayLog, Resume
 from .connection import Connection
 from .delivery import FULL, DurableMessage, Outbox, SendSlots, TransientMessage, text_message
+from .limits import Refusal, Settings
 from .registry import Registry
 from .stats import Counters
 from .types import ClientMessageHook, Clock, Event, Message, VerifyToken
@@ -25,10 +26,14 @@ PRESSURE_ROUNDS = 16
 class EventHub:
     """Per-user fan-out with a replay buffer; shared by every socket the middleware serves.
 
-    :param verify_token: ``(token) -> user id | None``, sync (run in a worker thread) or async.
+    :param verify_token: ``(token) -> user id | Principal | None``, sync (run in a worker
+        thread) or async. A ``Principal`` with ``expires_at`` has its sockets closed with 4001
+        at that time.
     :param transient_types: event types delivered live but never buffered for replay.
     :param buffer_size: events kept per user for replay.
     :param buffer_max_age: seconds an event is kept for replay, from when it was buffered.
+    :param max_buffered_users: users whose events are kept at most; the least recently used
+        user's buffer goes first (a later resume of that user reports ``evicted``).
     :param on_client_message: ``(user_id, message) -> None``, sync or async, for each JSON
         object a client sends. A sync hook runs on the event loop: keep it quick.
     :param backend: ``None`` for the in-memory, one-process hub (the only one so far).
@@ -36,13 +41,24 @@ class EventHub:
         shed, and when it is full the socket is closed with 1013. Independently, a socket with
         more than ``buffer_size // 2`` buffered events queued is closed with 1013 while it can
         still resume without a gap. A replay on connect counts against neither.
-    :param verify_timeout: seconds ``verify_token`` may take before the socket is closed (1011).
+    :param verify_timeout: seconds ``verify_token`` may take before the socket is refused (1011).
+    :param max_message_size: bytes a client message may have (1009 beyond).
+    :param rate_limit: ``(burst, per_second)`` client messages allowed per socket (1008 beyond),
+        or None for no limit.
+    :param max_connections_per_user: open sockets a user may have; a new one closes the
+        user's oldest with 1008 "Too many connections".
+    :param idle_timeout: seconds without a client message after which a socket is closed with
+        4002 "Idle timeout" (clients send ``ping`` to stay), or None to keep idle sockets.
+    :param refusal: ``"close"`` to refuse a socket by accepting it and closing it with its code
+        (browser JavaScript can read that), ``"http"`` to refuse it in the handshake with an
+        HTTP status (401 with ``WWW-Authenticate: Bearer`` for bad tokens), where the server
+        supports the ``websocket.http.response`` extension, else 403.
     :param shutdown_timeout: seconds ``shutdown()`` waits for sockets to close before it
         cancels them.
     :param send_slots: how many sockets may be mid-send at once.
     :param stall_timeout: seconds a send may make no progress before its socket gives up its
         send slot.
-    :param clock: a monotonic clock in seconds (for tests).
+    :param clock: a monotonic clock in seconds, for the buffer's age bound (tests inject one).
     """
 
     def __init__(
@@ -52,10 +68,16 @@ class EventHub:
         transient_types: Iterable[str] = ("JOB_PROGRESS", "CUSTOMER_UPDATE_PROGRESS"),
         buffer_size: int = 200,
         buffer_max_age: float = 300.0,
+        max_buffered_users: int | None = 10_000,
         on_client_message: ClientMessageHook | None = None,
         backend: None = None,
         send_queue_size: int = 1024,
         verify_timeout: float = 10.0,
+        max_message_size: int = 64 * 1024,
+        rate_limit: tuple[float, float] | None = (60.0, 10.0),
+        max_connections_per_user: int = 100,
+        idle_timeout: float | None = None,
+        refusal: Refusal = "close",
         shutdown_timeout: float = 5.0,
         send_slots: int = 8,
         stall_timeout: float = 1.0,
@@ -63,19 +85,26 @@ class EventHub:
     ) -> None:
         if backend is not None:
             raise TypeError("only the in-memory backend (backend=None) is available")
-        if send_queue_size < 1:
-            raise ValueError("send_queue_size must be at least 1")
+        self._settings = Settings(
+            send_queue_size=send_queue_size,
+            durable_limit=buffer_size // 2 if buffer_size >= 2 else send_queue_size,
+            verify_timeout=verify_timeout,
+            max_message_size=max_message_size,
+            rate_limit=rate_limit,
+            max_connections_per_user=max_connections_per_user,
+            idle_timeout=idle_timeout,
+            refusal=refusal,
+        )
         self._verify_token = verify_token
         self._transient = frozenset(transient_types)
         self._on_client_message = on_client_message
-        self._send_queue_size = send_queue_size
-        self._verify_timeout = verify_timeout
         self._shutdown_timeout = shutdown_timeout
         self._clock = clock
-        self._log = ReplayLog(size=buffer_size, max_age=buffer_max_age)
+        self._log = ReplayLog(
+            size=buffer_size, max_age=buffer_max_age, max_users=max_buffered_users
+        )
         self._registry: Registry[Connection] = Registry()
         self._counters = Counters()
-        self._durable_limit = buffer_size // 2 if buffer_size >= 2 else send_queue_size
         self._slots = SendSlots(send_slots, stall_timeout)
         self._started = clock()
         self._accepting = True
@@ -164,7 +193,8 @@ class EventHub:
                 conn.cancel_scope.cancel()
         self._registry.clear()
         # A new epoch: ids handed out before the buffers were cleared are foreign from now on.
-        self._log = ReplayLog(size=self._log.size, max_age=self._log.max_age)
+        log = self._log
+        self._log = ReplayLog(size=log.size, max_age=log.max_age, max_users=log.max_users)
 
     async def __aenter__(self) -> EventHub:
         """Start the hub's background work (buffer expiry); the middleware does this on startup.
@@ -226,6 +256,12 @@ class EventHub:
             outbox.preload([text_message(frame) for frame in resume.frames])
         if handshake.subprotocol is not None:
             outbox.preload([self._ready_message(conn.user_id, resume)])
+        others = self._registry.of(conn.user_id)
+        if len(others) >= self._settings.max_connections_per_user:
+            oldest = next(iter(others))
+            self._counters.connections_displaced += 1
+            oldest.close(1008, "Too many connections")
+            self._detach(oldest)
         self._registry.add(conn.user_id, conn)
 
     def _ready_message(self, user_id: str, resume: Resume | None) -> Message:
@@ -234,8 +270,9 @@ class EventHub:
             "recovered": resume is None or resume.recovered,
             "replayed": len(resume.frames) if resume else 0,
         }
-        if resume is not None and resume.reason is not None:
+        if resume is not None and not resume.recovered:
             payload["reason"] = resume.reason
+            payload["oldest"] = resume.oldest
         return text_message(codec.encode({"type": READY, "payload": payload}))
 
     def _detach(self, conn: Connection) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from .auth import normalize_origin
 from .connection import serve
 from .lifespan import run_lifespan
 
@@ -19,19 +21,40 @@ class EventsMiddleware:
         and the lifespan messages (the hub runs between startup and shutdown).
     :param hub: the :class:`EventHub` these sockets belong to.
     :param path: the WebSocket path to take over, matched exactly against ``scope["path"]``.
+    :param allowed_origins: if given, the only ``scheme://host[:port]`` origins whose browser
+        pages may open a socket (others get HTTP 403 in the handshake, against cross-site
+        WebSocket hijacking); clients that send no Origin header (not browsers) are let in.
 
     With Starlette: ``Middleware(EventsMiddleware, hub=hub)``.
     """
 
-    def __init__(self, app: ASGIApp, *, hub: EventHub, path: str = "/ws") -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        hub: EventHub,
+        path: str = "/ws",
+        allowed_origins: Iterable[str] | None = None,
+    ) -> None:
         self.app = app
         self.hub = hub
         self.path = path
+        self.allowed_origins = None if allowed_origins is None else _origins(allowed_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope["path"] == self.path:
-            await serve(self.hub, scope, receive, send)
+            await serve(self.hub, scope, receive, send, self.allowed_origins)
         elif scope["type"] == "lifespan":
             await run_lifespan(self.app, self.hub, scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+
+def _origins(allowed: Iterable[str]) -> frozenset[str]:
+    origins = set()
+    for origin in [allowed] if isinstance(allowed, str) else allowed:
+        normal = normalize_origin(origin)
+        if normal is None:
+            raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
+        origins.add(normal)
+    return frozenset(origins)

@@ -16,6 +16,11 @@ class Counters:
     malformed_messages: int = 0
     hook_errors: int = 0
     auth_failures: int = 0
+    origin_refusals: int = 0
+    rate_limited: int = 0
+    oversized_messages: int = 0
+    idle_closes: int = 0
+    connections_displaced: int = 0
     reconnection_count: int = 0
     replays_incomplete: int = 0
     replayed_events: int = 0

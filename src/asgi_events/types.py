@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 Scope = MutableMapping[str, Any]
@@ -14,8 +15,24 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Event = Mapping[str, Any]
 """An event to publish: ``type`` (str), ``payload`` (any JSON value), optional ``timestamp``."""
 
-VerifyToken = Callable[[str], str | Awaitable[str | None] | None]
-"""``(token) -> user id | None``, sync (run in a worker thread) or async."""
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a token belongs to and, optionally, until when it is valid.
+
+    :param user_id: the user the socket belongs to.
+    :param expires_at: UNIX time (seconds, like a JWT's ``exp``) at which the socket is closed
+        with 4001 "Token expired"; None for never.
+    """
+
+    user_id: str
+    expires_at: float | None = None
+
+
+VerifyToken = Callable[
+    [str], str | Principal | Awaitable[str | Principal | None] | Awaitable[str | None] | None
+]
+"""``(token) -> user id | Principal | None``, sync (run in a worker thread) or async."""
 
 ClientMessageHook = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 """``(user_id, message) -> None``, sync or async, called for each JSON object a client sends."""
