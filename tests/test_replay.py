@@ -140,7 +140,7 @@ async def test_not_recovered_after_eviction_by_age(serve: ServeFn, connect: Conn
     clock = FakeClock()
     server = await serve(hub=EventHub(users, buffer_max_age=60, clock=clock))
     await publish(server.hub, "alice", "old")
-    position = server.hub._log.position("alice")
+    position = server.hub._backend._log.position("alice")  # type: ignore[attr-defined]
     clock.now += 30
     await publish(server.hub, "alice", "kept")
     clock.now += 31  # "old" is 61 s old, "kept" 31 s

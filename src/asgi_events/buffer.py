@@ -146,8 +146,11 @@ class ReplayLog:
 
     def position(self, user_id: str) -> str:
         """The id up to which a client that has everything so far is current."""
+        return self.make_id(self.last_seq(user_id))
+
+    def last_seq(self, user_id: str) -> int:
         log = self._users.get(user_id)
-        return self.make_id(log.last_seq if log else self._forgotten_of(user_id).upto)
+        return log.last_seq if log else self._forgotten_of(user_id).upto
 
     def since_id(self, user_id: str, last_id: str, now: float) -> Resume:
         """The buffered frames after ``last_id``; ``recovered`` is false if any were lost."""

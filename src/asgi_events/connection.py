@@ -113,7 +113,7 @@ async def serve(
     try:
         with conn.cancel_scope:
             # Join before accepting: a client that sees the handshake complete misses nothing.
-            hub._attach(conn)  # replay + join live delivery, with no await in between
+            await hub._attach(conn)  # join live delivery and queue the replay, atomically
             await send(_accept(handshake))
             if conn.state is State.CONNECTING:  # (not closed by a shutdown meanwhile)
                 conn.to(State.OPEN)

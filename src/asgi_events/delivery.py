@@ -33,7 +33,10 @@ FULL = 2  # the socket cannot keep up: close it (1013); nothing was queued
 
 
 class DurableMessage(dict[str, Any]):
-    """The frame of a buffered event: replayable by id."""
+    """The frame of a buffered event: replayable by id; ``key`` orders it among its user's."""
+
+    __slots__ = ("key",)
+    key: Any
 
 
 class TransientMessage(dict[str, Any]):
@@ -43,6 +46,12 @@ class TransientMessage(dict[str, Any]):
 def text_message(text: str, kind: type[dict[str, Any]] = dict) -> Message:
     """The ASGI message for one text frame; built once and shared by every socket it goes to."""
     return kind(type="websocket.send", text=text)
+
+
+def durable_message(text: str, key: Any) -> Message:
+    message = DurableMessage(type="websocket.send", text=text)
+    message.key = key
+    return message
 
 
 def close_message(code: int, reason: str) -> Message:
@@ -62,6 +71,7 @@ class Outbox:
         "_counters",
         "_durable",
         "_durable_limit",
+        "_held",
         "_high",
         "_limit",
         "_preloaded",
@@ -78,6 +88,7 @@ class Outbox:
         self._durable_limit = durable_limit
         self._durable = 0  # DurableMessages queued
         self._preloaded = 0  # the replay queued on connect, exempt from the limits
+        self._held: list[Message] | None = None  # live messages while a replay is read
         self._counters = counters
         self._wake: anyio.Event | None = None
         self._close: Message | None = None
@@ -88,6 +99,9 @@ class Outbox:
         """Queue ``message``; OK, BUSY (queued, or shed if transient) or FULL (not queued)."""
         if self._close is not None:
             return OK
+        if self._held is not None:
+            self._held.append(message)
+            return FULL if len(self._held) > self._limit else OK
         status = OK
         if self.pressed:
             status = self._relieve(message)
@@ -128,6 +142,19 @@ class Outbox:
         """Queue a replay before the socket joins live delivery; exempt from the limits."""
         self._queue.extend(messages)
         self._preloaded += len(messages)
+
+    def hold(self) -> None:
+        """Keep live messages aside until ``release``: the replay is being read."""
+        self._held = []
+
+    def release(self, key: Any) -> int:
+        """Queue the held messages after the replay, less those it covers (key up to ``key``)."""
+        held, self._held = self._held or [], None
+        status = OK
+        for message in held:
+            if type(message) is not DurableMessage or message.key > key:
+                status = max(status, self.push(message))
+        return status
 
     def close(self, code: int, reason: str) -> None:
         """Drop what is queued and send a close frame next (after a send in flight, if any)."""

@@ -9,3 +9,7 @@ class AsgiEventsError(Exception):
 
 class InvalidEventError(AsgiEventsError, ValueError):
     """An event passed to ``broadcast`` is not a mapping with a string ``type`` or is not JSON."""
+
+
+class BackendUnavailableError(AsgiEventsError, ConnectionError):
+    """The backend (e.g. Redis) could not be reached in time; the event was not published."""

@@ -11,9 +11,10 @@ import anyio
 import anyio.lowlevel
 
 from . import codec
-from .buffer import ReplayLog, Resume
+from .backends.base import Backend, Replay
+from .backends.memory import MemoryBackend
 from .connection import Connection
-from .delivery import FULL, DurableMessage, Outbox, SendSlots, TransientMessage, text_message
+from .delivery import FULL, Outbox, SendSlots, text_message
 from .limits import Refusal, Settings
 from .registry import Registry
 from .stats import Counters
@@ -36,7 +37,8 @@ class EventHub:
         user's buffer goes first (a later resume of that user reports ``evicted``).
     :param on_client_message: ``(user_id, message) -> None``, sync or async, for each JSON
         object a client sends. A sync hook runs on the event loop: keep it quick.
-    :param backend: ``None`` for the in-memory, one-process hub (the only one so far).
+    :param backend: where events are buffered and how they reach every node: ``None`` for
+        memory (one process), ``RedisBackend(url)`` for several.
     :param send_queue_size: messages queued per socket; past half of it transient events are
         shed, and when it is full the socket is closed with 1013. Independently, a socket with
         more than ``buffer_size // 2`` buffered events queued is closed with 1013 while it can
@@ -70,7 +72,7 @@ class EventHub:
         buffer_max_age: float = 300.0,
         max_buffered_users: int | None = 10_000,
         on_client_message: ClientMessageHook | None = None,
-        backend: None = None,
+        backend: Backend | None = None,
         send_queue_size: int = 1024,
         verify_timeout: float = 10.0,
         max_message_size: int = 64 * 1024,
@@ -83,8 +85,6 @@ class EventHub:
         stall_timeout: float = 1.0,
         clock: Clock = time.monotonic,
     ) -> None:
-        if backend is not None:
-            raise TypeError("only the in-memory backend (backend=None) is available")
         self._settings = Settings(
             send_queue_size=send_queue_size,
             durable_limit=buffer_size // 2 if buffer_size >= 2 else send_queue_size,
@@ -100,8 +100,9 @@ class EventHub:
         self._on_client_message = on_client_message
         self._shutdown_timeout = shutdown_timeout
         self._clock = clock
-        self._log = ReplayLog(
-            size=buffer_size, max_age=buffer_max_age, max_users=max_buffered_users
+        self._backend: Backend = backend if backend is not None else MemoryBackend(clock)
+        self._backend.bind(
+            self._deliver, size=buffer_size, max_age=buffer_max_age, max_users=max_buffered_users
         )
         self._registry: Registry[Connection] = Registry()
         self._counters = Counters()
@@ -118,27 +119,24 @@ class EventHub:
         buffered. Never waits for a socket; returns once the event is queued everywhere.
 
         :raises InvalidEventError: ``event`` is not a mapping with a string ``type``, or not JSON.
+        :raises BackendUnavailableError: the backend could not take it.
         """
         fields = codec.prepare(event)
-        if fields["type"] in self._transient:
-            message = text_message(codec.encode(fields), TransientMessage)
-        else:
-            seq, fields["id"] = self._log.assign()
-            text = codec.encode(fields)
-            timestamp = codec.parse_timestamp(fields["timestamp"])
-            self._log.append(user_id, seq, text, timestamp, self._clock())
-            message = text_message(text, DurableMessage)
+        await self._backend.publish(user_id, fields, fields["type"] in self._transient)
         self._counters.events_published += 1
-        await self._fan_out(self._registry.of(user_id), message)
 
     async def broadcast_to_all(self, event: Event) -> None:
         """Send ``event`` to every open socket; it is not buffered.
 
         :raises InvalidEventError: ``event`` is not a mapping with a string ``type``, or not JSON.
+        :raises BackendUnavailableError: the backend could not take it.
         """
-        message = text_message(codec.encode(codec.prepare(event)))
+        await self._backend.publish_to_all(codec.encode(codec.prepare(event)))
         self._counters.events_published += 1
-        await self._fan_out(self._registry.all(), message)
+
+    async def _deliver(self, user_id: str | None, message: Message) -> None:
+        conns = self._registry.all() if user_id is None else self._registry.of(user_id)
+        await self._fan_out(conns, message)
 
     async def _fan_out(self, conns: Iterable[Connection], message: Message) -> None:
         full: list[Connection] = []
@@ -151,9 +149,7 @@ class EventHub:
                 else:
                     pressed.append(conn.outbox)
         for conn in full:
-            self._counters.slow_consumer_closes += 1
-            conn.close(1013, "Slow consumer")
-            self._detach(conn)
+            self._slow_consumer(conn)
         # Queues are filling up: let their writers run before the caller publishes more, for a
         # few scheduling rounds at most, so that a stalled socket cannot hold the caller up.
         for _ in range(PRESSURE_ROUNDS if pressed else 0):
@@ -163,14 +159,12 @@ class EventHub:
 
     def stats(self) -> dict[str, Any]:
         """Counters and gauges, as a JSON-ready dict."""
-        buffered_events, buffered_users = self._log.stats()
         return {
             "total_connections": len(self._registry),
             "active_users": self._registry.user_count(),
             "uptime": self._clock() - self._started,
             "connections_per_user": self._registry.counts(),
-            "buffered_events": buffered_events,
-            "buffered_users": buffered_users,
+            **self._backend.stats(),
             **self._counters.as_dict(),
         }
 
@@ -192,9 +186,7 @@ class EventHub:
             for conn in list(self._registry.all()):
                 conn.cancel_scope.cancel()
         self._registry.clear()
-        # A new epoch: ids handed out before the buffers were cleared are foreign from now on.
-        log = self._log
-        self._log = ReplayLog(size=log.size, max_age=log.max_age, max_users=log.max_users)
+        await self._backend.clear()
 
     async def __aenter__(self) -> EventHub:
         """Start the hub's background work (buffer expiry); the middleware does this on startup.
@@ -206,7 +198,13 @@ class EventHub:
         self._accepting = True
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
-        self._task_group.start_soon(self._expire_buffers)
+        try:
+            await self._backend.start(self._task_group)
+        except BaseException:
+            self._task_group.cancel_scope.cancel()
+            await self._task_group.__aexit__(None, None, None)
+            self._task_group = None
+            raise
         return self
 
     async def __aexit__(
@@ -220,42 +218,22 @@ class EventHub:
         assert task_group is not None, "the hub was not entered"
         with anyio.CancelScope(shield=True):
             await self.shutdown()
+            await self._backend.stop()
         # Only background work runs in this group: stop it, and let the body's error (if any)
         # propagate as it is rather than wrapped in an exception group.
         task_group.cancel_scope.cancel()
         await task_group.__aexit__(None, None, None)
         return None
 
-    async def _expire_buffers(self) -> None:
-        interval = max(min(self._log.max_age / 10, 30.0), 0.05)
-        while True:
-            await anyio.sleep(interval)
-            self._log.prune(self._clock())
-
     # -- for connection.py -------------------------------------------------------------
 
-    def _attach(self, conn: Connection) -> None:
-        """Queue the replay and the ready message, then join live delivery: all synchronous, so
-        no broadcast can fall between reading the replay and joining (nothing lost or doubled).
+    async def _attach(self, conn: Connection) -> None:
+        """Join live delivery and queue the replay and the ready message, so that nothing is
+        lost or doubled at the switch: live messages are held while the replay is read, then
+        those the replay covers are dropped (with the memory backend nothing can even arrive
+        in between: reading it does not suspend).
         """
         handshake, outbox = conn.handshake, conn.outbox
-        now = self._clock()
-        resume: Resume | None = None
-        if handshake.last_event_id is not None:
-            resume = self._log.since_id(conn.user_id, handshake.last_event_id, now)
-        elif handshake.last_event_ts is not None:
-            since = codec.parse_timestamp(handshake.last_event_ts)
-            if since is None:
-                resume = Resume([], recovered=False, reason="unknown")
-            else:
-                resume = self._log.since_timestamp(conn.user_id, since, now)
-        if resume is not None:
-            self._counters.reconnection_count += 1
-            self._counters.replayed_events += len(resume.frames)
-            self._counters.replays_incomplete += not resume.recovered
-            outbox.preload([text_message(frame) for frame in resume.frames])
-        if handshake.subprotocol is not None:
-            outbox.preload([self._ready_message(conn.user_id, resume)])
         others = self._registry.of(conn.user_id)
         if len(others) >= self._settings.max_connections_per_user:
             oldest = next(iter(others))
@@ -263,17 +241,37 @@ class EventHub:
             oldest.close(1008, "Too many connections")
             self._detach(oldest)
         self._registry.add(conn.user_id, conn)
+        resuming = handshake.last_event_id is not None or handshake.last_event_ts is not None
+        if not resuming and handshake.subprotocol is None:
+            return
+        outbox.hold()
+        replay = await self._backend.replay(conn.user_id, handshake)
+        if resuming:
+            self._counters.reconnection_count += 1
+            self._counters.replayed_events += len(replay.frames)
+            self._counters.replays_incomplete += not replay.recovered
+            outbox.preload([text_message(frame) for frame in replay.frames])
+        if handshake.subprotocol is not None:
+            outbox.preload([self._ready_message(replay, resuming)])
+        if outbox.release(replay.key) == FULL:
+            self._slow_consumer(conn)
 
-    def _ready_message(self, user_id: str, resume: Resume | None) -> Message:
+    def _ready_message(self, replay: Replay, resuming: bool) -> Message:
+        recovered = replay.recovered or not resuming
         payload: dict[str, Any] = {
-            "position": self._log.position(user_id),
-            "recovered": resume is None or resume.recovered,
-            "replayed": len(resume.frames) if resume else 0,
+            "position": replay.position,
+            "recovered": recovered,
+            "replayed": len(replay.frames) if resuming else 0,
         }
-        if resume is not None and not resume.recovered:
-            payload["reason"] = resume.reason
-            payload["oldest"] = resume.oldest
+        if not recovered:
+            payload["reason"] = replay.reason
+            payload["oldest"] = replay.oldest
         return text_message(codec.encode({"type": READY, "payload": payload}))
+
+    def _slow_consumer(self, conn: Connection) -> None:
+        self._counters.slow_consumer_closes += 1
+        conn.close(1013, "Slow consumer")
+        self._detach(conn)
 
     def _detach(self, conn: Connection) -> None:
         self._registry.remove(conn.user_id, conn)
