@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -18,6 +18,8 @@ from hypercorn.config import Config
 
 from asgi_events import EventHub, EventsMiddleware
 from asgi_events.types import ASGIApp, Message, Receive, Scope, Send
+
+from .redis_server import RedisServer, running_redis
 
 TIMEOUT = 10.0  # bound on any single wait in a test
 QUIET = 0.2  # the one allowed short window: asserting that nothing arrives
@@ -213,3 +215,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
             item.add_marker(pytest.mark.anyio)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the session; tests keep apart by a key prefix of their own."""
+    with running_redis() as server:
+        yield server
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, which it may stop and restart."""
+    with running_redis() as server:
+        yield server

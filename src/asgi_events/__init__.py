@@ -1,6 +1,6 @@
 """asgi-events: per-user real-time events over WebSocket for any ASGI app."""
 
-from .errors import AsgiEventsError, InvalidEventError
+from .errors import AsgiEventsError, BackendUnavailableError, InvalidEventError
 from .hub import EventHub
 from .middleware import EventsMiddleware
 from .types import Principal
@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 __all__ = (
     "AsgiEventsError",
+    "BackendUnavailableError",
     "EventHub",
     "EventsMiddleware",
     "InvalidEventError",

@@ -15,6 +15,7 @@ import anyio
 
 from .auth import Handshake, normalize_origin, parse_handshake, verify
 from .delivery import Outbox, close_message, text_message
+from .errors import BackendUnavailableError
 from .limits import TokenBucket
 from .types import Principal
 
@@ -42,6 +43,7 @@ TOKEN_EXPIRED = Refusal(4001, "Token expired", 401)
 AUTH_ERROR = Refusal(1011, "Internal error", 500)
 AUTH_TIMEOUT = Refusal(1011, "Authentication timed out", 503)
 SHUTTING_DOWN = Refusal(1001, "Server shutdown", 503)
+BACKEND_DOWN = Refusal(1012, "Service restart", 503)
 
 
 class State(enum.Enum):
@@ -113,7 +115,10 @@ async def serve(
     try:
         with conn.cancel_scope:
             # Join before accepting: a client that sees the handshake complete misses nothing.
-            await hub._attach(conn)  # join live delivery and queue the replay, atomically
+            try:
+                await hub._attach(conn)  # join live delivery and queue the replay, atomically
+            except BackendUnavailableError:
+                conn.close(BACKEND_DOWN.code, BACKEND_DOWN.reason)
             await send(_accept(handshake))
             if conn.state is State.CONNECTING:  # (not closed by a shutdown meanwhile)
                 conn.to(State.OPEN)
@@ -167,7 +172,9 @@ async def _authenticate(hub: EventHub, handshake: Handshake) -> tuple[Principal 
             principal, refusal = None, TOKEN_EXPIRED
     if not hub._accepting:  # the hub is shut down (perhaps while verify_token ran)
         principal, refusal = None, SHUTTING_DOWN
-    if principal is None and refusal is not SHUTTING_DOWN:
+    elif not hub._backend.healthy:  # live events could not reach the socket
+        principal, refusal = None, BACKEND_DOWN
+    if principal is None and refusal not in (SHUTTING_DOWN, BACKEND_DOWN):
         hub._counters.auth_failures += 1
     return principal, refusal
 

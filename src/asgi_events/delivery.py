@@ -71,6 +71,7 @@ class Outbox:
         "_counters",
         "_durable",
         "_durable_limit",
+        "_floor",
         "_held",
         "_high",
         "_limit",
@@ -89,6 +90,7 @@ class Outbox:
         self._durable = 0  # DurableMessages queued
         self._preloaded = 0  # the replay queued on connect, exempt from the limits
         self._held: list[Message] | None = None  # live messages while a replay is read
+        self._floor: Any = None  # the replay's key: live messages up to it are in the replay
         self._counters = counters
         self._wake: anyio.Event | None = None
         self._close: Message | None = None
@@ -102,6 +104,10 @@ class Outbox:
         if self._held is not None:
             self._held.append(message)
             return FULL if len(self._held) > self._limit else OK
+        if self._floor is not None and type(message) is DurableMessage:
+            if message.key <= self._floor:
+                return OK  # already replayed: its live copy came late (another connection)
+            self._floor = None  # delivery is in key order: nothing older can follow
         status = OK
         if self.pressed:
             status = self._relieve(message)
@@ -148,12 +154,13 @@ class Outbox:
         self._held = []
 
     def release(self, key: Any) -> int:
-        """Queue the held messages after the replay, less those it covers (key up to ``key``)."""
+        """Queue the held messages after the replay; from now on drop the live copies of
+        messages the replay covers (key up to ``key``), held or arriving late."""
         held, self._held = self._held or [], None
+        self._floor = key
         status = OK
         for message in held:
-            if type(message) is not DurableMessage or message.key > key:
-                status = max(status, self.push(message))
+            status = max(status, self.push(message))
         return status
 
     def close(self, code: int, reason: str) -> None:

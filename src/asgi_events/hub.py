@@ -102,7 +102,11 @@ class EventHub:
         self._clock = clock
         self._backend: Backend = backend if backend is not None else MemoryBackend(clock)
         self._backend.bind(
-            self._deliver, size=buffer_size, max_age=buffer_max_age, max_users=max_buffered_users
+            self._deliver,
+            self._backend_lost,
+            size=buffer_size,
+            max_age=buffer_max_age,
+            max_users=max_buffered_users,
         )
         self._registry: Registry[Connection] = Registry()
         self._counters = Counters()
@@ -133,6 +137,13 @@ class EventHub:
         """
         await self._backend.publish_to_all(codec.encode(codec.prepare(event)))
         self._counters.events_published += 1
+
+    async def _backend_lost(self) -> None:
+        """Delivery was interrupted: this node's sockets may have missed events. Close them
+        with 1012 so that their clients resume (here or on another node) without a gap."""
+        for conn in list(self._registry.all()):
+            conn.close(1012, "Service restart")
+            self._detach(conn)
 
     async def _deliver(self, user_id: str | None, message: Message) -> None:
         conns = self._registry.all() if user_id is None else self._registry.of(user_id)

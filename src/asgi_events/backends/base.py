@@ -15,6 +15,9 @@ from ..types import Message
 Deliver = Callable[[str | None, Message], Awaitable[None]]
 """``(user_id or None for everyone, message)``: fan one message out to this node's sockets."""
 
+Lost = Callable[[], Awaitable[None]]
+"""Called when delivery was interrupted: events may have been missed, so sockets must go."""
+
 
 @dataclass(frozen=True, slots=True)
 class Replay:
@@ -36,8 +39,13 @@ class Replay:
 class Backend(Protocol):
     """Buffers events for replay and delivers every event to every node's ``deliver``."""
 
-    def bind(self, deliver: Deliver, *, size: int, max_age: float, max_users: int | None) -> None:
-        """Called once by the hub: where to deliver, and the hub's buffer bounds."""
+    healthy: bool
+    """False while events cannot be delivered (new sockets are refused with 1012)."""
+
+    def bind(
+        self, deliver: Deliver, lost: Lost, *, size: int, max_age: float, max_users: int | None
+    ) -> None:
+        """Called once by the hub: where to deliver, whom to tell of a loss, buffer bounds."""
 
     async def start(self, task_group: TaskGroup) -> None:
         """Start background work (subscriptions, expiry) in the hub's task group."""

@@ -13,7 +13,7 @@ from ..auth import Handshake
 from ..buffer import ReplayLog, Resume
 from ..delivery import TransientMessage, durable_message, text_message
 from ..types import Clock
-from .base import Deliver, Replay
+from .base import Deliver, Lost, Replay
 
 
 class MemoryBackend:
@@ -25,7 +25,11 @@ class MemoryBackend:
         self._log = ReplayLog(size=200, max_age=300.0)
         self._deliver: Deliver | None = None
 
-    def bind(self, deliver: Deliver, *, size: int, max_age: float, max_users: int | None) -> None:
+    healthy = True
+
+    def bind(
+        self, deliver: Deliver, lost: Lost, *, size: int, max_age: float, max_users: int | None
+    ) -> None:
         self._deliver = deliver
         self._log = ReplayLog(size=size, max_age=max_age, max_users=max_users)
 

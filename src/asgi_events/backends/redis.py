@@ -1,0 +1,296 @@
+"""Several nodes on one Redis: replay buffers in Redis Streams, fan-out through Pub/Sub.
+
+Keys, per user (one hash slot per user, so a Redis Cluster works):
+
+- ``<prefix>:{<user>}:events``: a stream of the user's buffered events, trimmed to the buffer's
+  size (``MAXLEN``) and age (``MINID``), expiring ``max_age`` after the last event;
+- ``<prefix>:{<user>}:epoch``: the user's epoch, a random token that lives as long as the
+  stream: when Redis loses the data (a restart without persistence, a flush, expiry), the epoch
+  changes with it, so ids of the lost data set are recognised as foreign, never misread.
+
+One channel, ``<prefix>:events``, carries every event to every node. Appending an event to
+its stream and publishing it are one Lua script, so every node sees each user's events in
+the order of their stream ids. An event's id is ``<epoch>.<stream id>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import secrets
+from datetime import datetime, timezone
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from .. import codec
+from ..auth import Handshake
+from ..buffer import GapReason
+from ..delivery import TransientMessage, durable_message, text_message
+from ..errors import BackendUnavailableError
+from .base import Deliver, Lost, Replay
+
+try:
+    import coredis
+except ImportError as exc:  # pragma: no cover
+    raise ImportError("RedisBackend needs coredis: pip install 'asgi-events[redis]'") from exc
+
+logger = logging.getLogger("asgi_events")
+
+_APPEND = """
+local epoch = redis.call('GET', KEYS[2]) or ARGV[8]
+redis.call('SET', KEYS[2], epoch, 'PX', ARGV[3])
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'b', ARGV[4], 't', ARGV[5])
+local now = redis.call('TIME')
+local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[2])
+if oldest > 0 then redis.call('XTRIM', KEYS[1], 'MINID', oldest) end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local frame = ARGV[4] .. ',"id":"' .. epoch .. '.' .. id .. '"}'
+redis.call('PUBLISH', ARGV[6], ARGV[7] .. '\\n' .. id .. '\\n' .. frame)
+return id
+"""
+
+_REPLAY = """
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('SET', KEYS[2], epoch, 'PX', ARGV[4])
+end
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local last, deleted, entries = '0-0', '0-0', {}
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local oldest = now_ms - tonumber(ARGV[6])
+  if oldest > 0 then redis.call('XTRIM', KEYS[1], 'MINID', oldest) end
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = info[i + 1] end
+    if info[i] == 'max-deleted-entry-id' then deleted = info[i + 1] end
+  end
+  if ARGV[1] == 'after' and ARGV[2] == epoch then
+    entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[3], '+')
+  elseif ARGV[1] ~= 'none' then
+    entries = redis.call('XRANGE', KEYS[1], '-', '+')
+  end
+end
+return {epoch, last, deleted, tostring(now_ms), entries}
+"""
+
+
+def _stream_key(text: str) -> tuple[int, int] | None:
+    """A stream id's order key; None if ``text`` is not one."""
+    ms, dash, n = text.partition("-")
+    if not (dash and ms.isascii() and ms.isdigit() and n.isascii() and n.isdigit()):
+        return None
+    if len(ms) > 20 or len(n) > 20:
+        return None
+    return int(ms), int(n)
+
+
+class RedisBackend:
+    """Buffers and fan-out in Redis, for several nodes (processes or machines) as one hub.
+
+    :param url: a Redis URL, e.g. ``redis://127.0.0.1:6379/0``.
+    :param prefix: the prefix of every key and of the channel.
+    :param timeout: seconds a publish or a replay read may take before it fails with
+        ``BackendUnavailableError`` (a socket being replayed is closed with 1012).
+    :param max_backoff: the longest wait, in seconds, between attempts to get the subscription
+        back after Redis was lost.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "asgi-events",
+        timeout: float = 2.0,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.url = url
+        self._prefix = prefix
+        self._channel = f"{prefix}:events"
+        self._timeout = timeout
+        self._max_backoff = max_backoff
+        self._size = 200
+        self._max_age_ms = 300_000
+        self._deliver: Deliver | None = None
+        self._lost: Lost | None = None
+        self._client: coredis.Redis[str] | None = None
+        self._append: Any = None
+        self._replay: Any = None
+        self.healthy = False
+        self._interruptions = 0
+        self._last_error: str | None = None
+
+    def bind(
+        self, deliver: Deliver, lost: Lost, *, size: int, max_age: float, max_users: int | None
+    ) -> None:
+        self._deliver, self._lost = deliver, lost
+        self._size, self._max_age_ms = size, max(int(max_age * 1000), 1)
+
+    async def start(self, task_group: TaskGroup) -> None:
+        # The client lives in a task of the hub's group (its own task group nests there).
+        # Returns once subscribed, or after the first failure (then it keeps trying).
+        await task_group.start(self._run)
+
+    async def stop(self) -> None:
+        self.healthy = False  # the hub then cancels its task group, which closes the client
+
+    async def _run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with coredis.Redis[str].from_url(self.url, decode_responses=True) as client:
+            self._client = client
+            self._append = client.register_script(_APPEND)
+            self._replay = client.register_script(_REPLAY)
+            try:
+                await self._subscribe(task_status)
+            finally:
+                self._client = None
+
+    async def publish(self, user_id: str, fields: dict[str, Any], transient: bool) -> None:
+        header = json.dumps(user_id)
+        if transient:
+            await self._call(self._publish, f"{header}\n\n{codec.encode(fields)}")
+            return
+        body = codec.encode(fields)[:-1]  # the script appends ',"id":"…"}'
+        keys = self._keys(user_id)
+        args = [
+            self._size,
+            self._max_age_ms,
+            self._max_age_ms,
+            body,
+            fields["timestamp"] if isinstance(fields["timestamp"], str) else "",
+            self._channel,
+            header,
+            secrets.token_hex(4),
+        ]
+        await self._call(self._script, self._append, keys, args)
+
+    async def publish_to_all(self, text: str) -> None:
+        await self._call(self._publish, f"null\n\n{text}")
+
+    async def replay(self, user_id: str, handshake: Handshake) -> Replay:
+        mode, client_epoch, after = "none", "", "0-0"
+        since = None
+        if handshake.last_event_id is not None:
+            client_epoch, _, after = handshake.last_event_id.rpartition(".")
+            mode = "after" if client_epoch and _stream_key(after) else "bad"
+        elif handshake.last_event_ts is not None:
+            since = codec.parse_timestamp(handshake.last_event_ts)
+            mode = "all" if since is not None else "bad"
+        args: list[str | int] = [mode if mode != "bad" else "none", client_epoch, after]
+        args += [self._max_age_ms, secrets.token_hex(4), self._max_age_ms]
+        reply = await self._call(self._script, self._replay, self._keys(user_id), args)
+        epoch, last, deleted, now_ms, entries = reply
+        last_key = _stream_key(last) or (0, 0)
+        deleted_key = _stream_key(deleted) or (0, 0)
+        position, oldest = f"{epoch}.{last}", f"{epoch}.{deleted}"
+        frames = [
+            f'{entry[1][1]},"id":"{epoch}.{entry[0]}"}}'
+            for entry in _pairs(entries)
+            if since is None or _after(entry[1][3], since)
+        ]
+        why: GapReason = (
+            "expired" if deleted_key[0] <= int(now_ms) - self._max_age_ms else "evicted"
+        )
+        if mode == "bad":
+            return Replay([], position, last_key, False, "unknown", oldest)
+        if mode == "after":
+            after_key = _stream_key(after) or (0, 0)
+            if client_epoch != epoch:
+                return Replay(frames, position, last_key, False, "epoch", oldest)
+            if after_key > last_key:
+                return Replay([], position, last_key, False, "unknown", oldest)
+            if after_key < deleted_key:
+                return Replay(frames, position, last_key, False, why, oldest)
+        if since is not None and deleted_key > (0, 0):
+            if deleted_key[0] > since.timestamp() * 1000:
+                return Replay(frames, position, last_key, False, why, oldest)
+        return Replay(frames, position, last_key)
+
+    async def clear(self) -> None:
+        pass  # shared by every node: one node's shutdown must not empty it
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "backend": {
+                "kind": "redis",
+                "healthy": self.healthy,
+                "interruptions": self._interruptions,
+                "last_error": self._last_error,
+            }
+        }
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _keys(self, user_id: str) -> list[str]:
+        tag = f"{self._prefix}:{{{user_id}}}"
+        return [f"{tag}:events", f"{tag}:epoch"]
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        try:
+            with anyio.fail_after(self._timeout):
+                return await fn(*args)
+        except (TimeoutError, coredis.exceptions.RedisError, OSError) as exc:
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            raise BackendUnavailableError(f"Redis did not take the request: {exc}") from exc
+
+    async def _publish(self, message: str) -> None:
+        if self._client is None:
+            raise OSError("the Redis backend is not running (is the hub entered?)")
+        await self._client.publish(self._channel, message)
+
+    async def _script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        if self._client is None:
+            raise OSError("the Redis backend is not running (is the hub entered?)")
+        return await script(keys=keys, args=args)
+
+    async def _subscribe(self, task_status: TaskStatus[None]) -> None:
+        assert self._client is not None and self._lost is not None
+        delay, started = 0.1, False
+        while True:
+            try:
+                async with self._client.pubsub(
+                    channels=[self._channel], ignore_subscribe_messages=True, retry_policy=None
+                ) as pubsub:
+                    self.healthy, delay = True, 0.1
+                    if not started:
+                        started = True
+                        task_status.started()
+                    async for message in pubsub:
+                        await self._on_message(str(message["data"]))
+            except Exception as exc:  # coredis wraps connection errors in exception groups
+                self._last_error = f"{type(exc).__name__}: {exc}"
+            if self.healthy:  # (not when the hub stops: it cancels this task instead)
+                self.healthy = False
+                self._interruptions += 1
+                logger.warning("lost the Redis subscription; closing this node's sockets (1012)")
+                await self._lost()
+            elif not started:  # Redis is not there yet: the hub starts anyway, refusing sockets
+                started = True
+                task_status.started()
+            await anyio.sleep(random.uniform(0, delay))  # full jitter
+            delay = min(delay * 2, self._max_backoff)
+
+    async def _on_message(self, data: str) -> None:
+        assert self._deliver is not None
+        header, _, rest = data.partition("\n")
+        stream_id, _, frame = rest.partition("\n")
+        user_id = json.loads(header)
+        if user_id is None:
+            await self._deliver(None, text_message(frame))
+        elif stream_id:
+            await self._deliver(user_id, durable_message(frame, _stream_key(stream_id)))
+        else:
+            await self._deliver(user_id, text_message(frame, TransientMessage))
+
+
+def _pairs(entries: Any) -> list[tuple[str, list[str]]]:
+    """XRANGE's reply as (id, [field, value, ...]) pairs."""
+    return [(str(entry[0]), list(entry[1])) for entry in entries]
+
+
+def _after(text: str, since: datetime) -> bool:
+    timestamp = codec.parse_timestamp(text)
+    return timestamp is not None and timestamp > since.astimezone(timezone.utc)
