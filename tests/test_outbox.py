@@ -55,15 +55,16 @@ def test_transient_events_are_shed_first() -> None:
 
 
 def test_durable_backlog_is_bounded_below_the_buffer() -> None:
-    box = Outbox(limit=100, durable_limit=2, counters=Counters())
-    assert [box.push(durable(n)) for n in range(3)] == [OK, OK, FULL]
-    assert box.push(plain(9)) == OK  # other messages do not count
+    box = Outbox(limit=100, durable_limit=4, counters=Counters())
+    # past half the bound the publisher is asked to yield; at the bound the socket must go
+    assert [box.push(durable(n)) for n in range(5)] == [OK, OK, BUSY, BUSY, FULL]
+    assert box.push(plain(9)) == BUSY  # queued, while the durable backlog is high
 
 
 def test_a_replay_does_not_count_against_the_limits() -> None:
     box = Outbox(limit=4, durable_limit=2, counters=Counters())
     box.preload([plain(n) for n in range(10)])  # the hub replays frames as plain messages
-    assert [box.push(durable(n)) for n in range(10, 12)] == [OK, OK]
+    assert [box.push(durable(n)) for n in range(10, 12)] == [OK, BUSY]
     assert [box.push(plain(n)) for n in range(12, 15)] == [BUSY, BUSY, FULL]
 
 

@@ -118,6 +118,8 @@ class Outbox:
             if self._durable >= self._durable_limit:
                 return FULL
             self._durable += 1
+            if self._durable * 2 > self._durable_limit:
+                status = BUSY  # half way to the durable bound: the publisher should yield too
         self._queue.append(message)  # (_relieve may have replaced the queue)
         if self._wake is not None:
             self._wake.set()
@@ -126,7 +128,10 @@ class Outbox:
 
     @property
     def pressed(self) -> bool:
-        """The queue is past its high-water mark (half the limit, a replay not counted)."""
+        """Past a high-water mark: half the queue (a replay not counted), or half the durable
+        bound."""
+        if self._durable * 2 > self._durable_limit:
+            return True
         return len(self._queue) >= self._high and self._backlog() >= self._high
 
     def _backlog(self) -> int:
