@@ -20,6 +20,8 @@ from starlette.routing import Route
 
 from asgi_events import EventHub, EventsMiddleware
 
+from ._backend import backend_from_env
+
 USERS = ("alice", "bob", "carol")
 PAGE = (Path(__file__).parent / "demo.html").read_text(encoding="utf-8")
 
@@ -30,7 +32,7 @@ def verify_token(token: str) -> str | None:
     return user if user in USERS else None
 
 
-hub = EventHub(verify_token)
+hub = EventHub(verify_token, backend=backend_from_env())
 
 
 async def run_jobs(user: str, pace: float = 0.6) -> None:

@@ -1,6 +1,7 @@
 """asgi-events in a Starlette app.
 
 Run: hypercorn examples.starlette_app:app
+Two nodes on one Redis: see examples/two_nodes.sh.
 Watch: connect a WebSocket to ws://127.0.0.1:8000/ws?token=secret-alice
 Push: curl -X POST http://127.0.0.1:8000/jobs/alice
 """
@@ -17,13 +18,15 @@ from starlette.routing import Route
 
 from asgi_events import EventHub, EventsMiddleware
 
+from ._backend import backend_from_env
+
 
 def verify_token(token: str) -> str | None:
     """Toy auth: "secret-<user>" is <user>. Check a real token (a JWT, a session) here."""
     return token.removeprefix("secret-") if token.startswith("secret-") else None
 
 
-hub = EventHub(verify_token)
+hub = EventHub(verify_token, backend=backend_from_env())
 
 
 async def start_job(request: Request) -> JSONResponse:

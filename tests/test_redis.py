@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
 import coredis
+import httpx
 import pytest
 
 from asgi_events import BackendUnavailableError, EventHub
 from asgi_events.backends.redis import RedisBackend
 
 from .conftest import Connect, ServeFn, Server, assert_silent, close_code, recv, recv_n, users
-from .redis_server import RedisServer
+from .redis_server import RedisServer, free_port
 
+ROOT = Path(__file__).resolve().parent.parent
 V1 = ["asgi-events.v1"]
 
 
@@ -178,3 +184,44 @@ async def test_redis_lost_and_back(
     assert after["payload"] == "after"
     assert ready["payload"]["recovered"] is False and ready["payload"]["reason"] == "epoch"
     assert a.hub.stats()["backend"]["interruptions"] == 1
+
+
+async def test_nodes_on_asyncio_and_trio_together(
+    serve: ServeFn, connect: Connect, redis_server: RedisServer, anyio_backend: str
+) -> None:
+    """This node runs on the test's backend; another process runs the other one."""
+    (here,) = await nodes(serve, redis_server, n=1)
+    backend = here.hub._backend
+    assert isinstance(backend, RedisBackend)
+    other = "trio" if anyio_backend == "asyncio" else "asyncio"
+    port = free_port()
+    env = {
+        **os.environ,
+        "ASGI_EVENTS_REDIS_URL": redis_server.url,
+        "ASGI_EVENTS_PREFIX": backend._prefix,
+    }
+    command = [sys.executable, "-m", "hypercorn", "--worker-class", other]
+    command += ["--bind", f"127.0.0.1:{port}", "examples.starlette_app:app"]
+    process = await anyio.open_process(command, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+    async with process:
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                with anyio.fail_after(20):  # a new process: wait until it answers
+                    while True:
+                        try:
+                            if (await http.get("/stats")).status_code == 200:
+                                break
+                        except httpx.TransportError:
+                            await anyio.sleep(0.1)
+                there = f"http://127.0.0.1:{port}/ws?token=secret-alice"
+                async with (
+                    connect(there) as far,
+                    connect(here.ws_url(token="tok-alice")) as near,
+                ):
+                    await here.hub.broadcast("alice", {"type": "T", "payload": "from here"})
+                    job = (await http.post("/jobs/alice")).json()["jobId"]
+                    got_far, got_near = await recv_n(far, 2), await recv_n(near, 2)
+            assert got_far == got_near
+            assert [f["payload"] for f in got_near] == ["from here", {"jobId": job}]
+        finally:
+            process.terminate()

@@ -150,7 +150,7 @@ class ReplayLog:
 
     def last_seq(self, user_id: str) -> int:
         log = self._users.get(user_id)
-        return log.last_seq if log else self._forgotten_of(user_id).upto
+        return log.last_seq if log is not None else self._forgotten_of(user_id).upto
 
     def since_id(self, user_id: str, last_id: str, now: float) -> Resume:
         """The buffered frames after ``last_id``; ``recovered`` is false if any were lost."""
@@ -168,12 +168,12 @@ class ReplayLog:
             return Resume([], recovered=False, reason="unknown", oldest=oldest)
         if epoch != self.epoch:
             # Everything retained is newer than anything of an earlier epoch.
-            frames = log.frames_after(0) if log else []
+            frames = log.frames_after(0) if log is not None else []
             return Resume(frames, recovered=False, reason="epoch", oldest=oldest)
         seq = int(digits)
         if seq > last_seq:
             return Resume([], recovered=False, reason="unknown", oldest=oldest)
-        frames = log.frames_after(seq) if log else []
+        frames = log.frames_after(seq) if log is not None else []
         if seq < floor:
             return Resume(frames, recovered=False, reason=why, oldest=oldest)
         return Resume(frames, recovered=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,10 @@ class Principal:
 
     user_id: str
     expires_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.expires_at is not None and not math.isfinite(self.expires_at):
+            raise ValueError("expires_at must be a finite UNIX time, or None")
 
 
 VerifyToken = Callable[
