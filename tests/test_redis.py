@@ -225,3 +225,19 @@ async def test_nodes_on_asyncio_and_trio_together(
             assert [f["payload"] for f in got_near] == ["from here", {"jobId": job}]
         finally:
             process.terminate()
+
+
+async def test_foreign_messages_on_the_channel_are_ignored(
+    serve: ServeFn, connect: Connect, redis_server: RedisServer
+) -> None:
+    (a,) = await nodes(serve, redis_server, n=1)
+    backend = a.hub._backend
+    assert isinstance(backend, RedisBackend)
+    async with connect(a.ws_url(token="tok-alice")) as ws:
+        async with coredis.Redis.from_url(redis_server.url, decode_responses=True) as client:
+            for junk in ["", "hello", "42\n1-0\n{}", '"alice"\nnot-an-id\n{}', "[1]\n\n{}"]:
+                await client.publish(backend._channel, junk)
+        await a.hub.broadcast("alice", {"type": "T", "payload": "still here"})
+        assert (await recv(ws))["payload"] == "still here"
+        await assert_silent(ws)
+    assert a.hub.stats()["backend"]["interruptions"] == 0

@@ -277,11 +277,22 @@ class RedisBackend:
         assert self._deliver is not None
         header, _, rest = data.partition("\n")
         stream_id, _, frame = rest.partition("\n")
-        user_id = json.loads(header)
+        try:
+            user_id = json.loads(header)
+        except ValueError:
+            user_id = 0
+        key = _stream_key(stream_id)
+        if (
+            not (user_id is None or isinstance(user_id, str))
+            or not frame
+            or (stream_id and not key)
+        ):
+            logger.warning("ignored a message on %s not published by asgi-events", self._channel)
+            return
         if user_id is None:
             await self._deliver(None, text_message(frame))
-        elif stream_id:
-            await self._deliver(user_id, durable_message(frame, _stream_key(stream_id)))
+        elif key is not None:
+            await self._deliver(user_id, durable_message(frame, key))
         else:
             await self._deliver(user_id, text_message(frame, TransientMessage))
 
