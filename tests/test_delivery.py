@@ -226,3 +226,17 @@ async def test_other_scopes_pass_through(serve: ServeFn, connect: Connect) -> No
             pass  # pragma: no cover
     assert refused.value.response.status_code == 403
     assert server.hub.stats()["total_connections"] == 0
+
+
+async def test_the_browser_client_is_served_next_to_the_socket(serve: ServeFn) -> None:
+    import httpx
+
+    server = await serve()
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        script = await http.get("/ws/client.js")
+        head = await http.head("/ws/client.js")
+        post = await http.post("/ws/client.js")
+    assert script.status_code == 200 and script.text.strip()
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert head.status_code == 200 and head.content == b""
+    assert post.status_code == 405

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from .auth import normalize_origin
 from .connection import serve
 from .lifespan import run_lifespan
+from .script import serve_script
 
 if TYPE_CHECKING:
     from .hub import EventHub
@@ -20,7 +21,8 @@ class EventsMiddleware:
     :param app: the inner ASGI app; it gets every HTTP scope, every WebSocket on another path,
         and the lifespan messages (the hub runs between startup and shutdown).
     :param hub: the :class:`EventHub` these sockets belong to.
-    :param path: the WebSocket path to take over, matched exactly against ``scope["path"]``.
+    :param path: the WebSocket path to take over, matched exactly against ``scope["path"]``;
+        the browser client (a JavaScript module) is served at ``<path>/client.js``.
     :param allowed_origins: if given, the only ``scheme://host[:port]`` origins whose browser
         pages may open a socket (others get HTTP 403 in the handshake, against cross-site
         WebSocket hijacking); clients that send no Origin header (not browsers) are let in.
@@ -39,6 +41,7 @@ class EventsMiddleware:
         self.app = app
         self.hub = hub
         self.path = path
+        self.script_path = path.rstrip("/") + "/client.js"
         self.allowed_origins = None if allowed_origins is None else _origins(allowed_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -46,6 +49,8 @@ class EventsMiddleware:
             await serve(self.hub, scope, receive, send, self.allowed_origins)
         elif scope["type"] == "lifespan":
             await run_lifespan(self.app, self.hub, scope, receive, send)
+        elif scope["type"] == "http" and scope["path"] == self.script_path:
+            await serve_script(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 

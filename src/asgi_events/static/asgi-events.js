@@ -1,0 +1,2 @@
+// asgi-events browser client: placeholder, replaced by the real module.
+export {};
