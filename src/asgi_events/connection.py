@@ -17,6 +17,7 @@ from .auth import Handshake, normalize_origin, parse_handshake, verify
 from .delivery import Outbox, close_message, text_message
 from .errors import BackendUnavailableError
 from .limits import TokenBucket
+from .stats import Counters
 from .types import Principal
 
 if TYPE_CHECKING:
@@ -31,19 +32,21 @@ CLOSE_TIMEOUT = 5.0  # how long a closing socket may take to finish
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """Why a socket is not served: its close code, and its HTTP status in "http" mode."""
+    """Why a socket is not served: its close code, its HTTP status in "http" mode, its kind."""
 
     code: int
     reason: str
     status: int
+    kind: str
 
 
-AUTH_FAILED = Refusal(1008, "Authentication failed", 401)
-TOKEN_EXPIRED = Refusal(4001, "Token expired", 401)
-AUTH_ERROR = Refusal(1011, "Internal error", 500)
-AUTH_TIMEOUT = Refusal(1011, "Authentication timed out", 503)
-SHUTTING_DOWN = Refusal(1001, "Server shutdown", 503)
-BACKEND_DOWN = Refusal(1012, "Service restart", 503)
+MISSING_TOKEN = Refusal(1008, "Authentication failed", 401, "missing_token")
+AUTH_FAILED = Refusal(1008, "Authentication failed", 401, "rejected")
+TOKEN_EXPIRED = Refusal(4001, "Token expired", 401, "expired")
+AUTH_ERROR = Refusal(1011, "Internal error", 500, "error")
+AUTH_TIMEOUT = Refusal(1011, "Authentication timed out", 503, "timeout")
+SHUTTING_DOWN = Refusal(1001, "Server shutdown", 503, "shutdown")
+BACKEND_DOWN = Refusal(1012, "Service restart", 503, "backend")
 
 
 class State(enum.Enum):
@@ -64,8 +67,11 @@ _NEXT: dict[State, frozenset[State]] = {
 class Connection:
     """One socket of one user: its state, its outbox, and a way to cancel it."""
 
-    def __init__(self, principal: Principal, outbox: Outbox, handshake: Handshake) -> None:
+    def __init__(
+        self, principal: Principal, outbox: Outbox, handshake: Handshake, counters: Counters
+    ) -> None:
         self.user_id = principal.user_id
+        self.counters = counters
         self.expires_at = principal.expires_at
         self.outbox = outbox
         self.handshake = handshake
@@ -82,6 +88,7 @@ class Connection:
         if self.state in (State.CONNECTING, State.OPEN):
             self.to(State.CLOSING)
             self.outbox.close(code, reason)
+            self.counters.count(self.counters.closes, code)
             # Also bounds a send blocked by a client that stopped reading (where it can be
             # cancelled: hypercorn's trio worker shields its writes).
             deadline = anyio.current_time() + CLOSE_TIMEOUT
@@ -102,6 +109,7 @@ async def serve(
     if allowed_origins is not None and handshake.origin is not None:
         if normalize_origin(handshake.origin) not in allowed_origins:
             hub._counters.origin_refusals += 1
+            hub._counters.count(hub._counters.refusals, "origin")
             await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
             return
     principal, refusal = await _authenticate(hub, handshake)
@@ -111,7 +119,7 @@ async def serve(
 
     settings = hub._settings
     outbox = Outbox(settings.send_queue_size, settings.durable_limit, hub._counters)
-    conn = Connection(principal, outbox, handshake)
+    conn = Connection(principal, outbox, handshake, hub._counters)
     try:
         with conn.cancel_scope:
             # Join before accepting: a client that sees the handshake complete misses nothing.
@@ -152,7 +160,7 @@ def _accept(handshake: Handshake) -> Message:
 async def _authenticate(hub: EventHub, handshake: Handshake) -> tuple[Principal | None, Refusal]:
     """The principal, or None with the refusal to answer with."""
     principal: Principal | None = None
-    refusal = AUTH_FAILED
+    refusal = AUTH_FAILED if handshake.token is not None else MISSING_TOKEN
     if handshake.token is not None:
         try:
             principal = await verify(
@@ -174,8 +182,10 @@ async def _authenticate(hub: EventHub, handshake: Handshake) -> tuple[Principal 
         principal, refusal = None, SHUTTING_DOWN
     elif not hub._backend.healthy:  # live events could not reach the socket
         principal, refusal = None, BACKEND_DOWN
-    if principal is None and refusal not in (SHUTTING_DOWN, BACKEND_DOWN):
-        hub._counters.auth_failures += 1
+    if principal is None:
+        hub._counters.count(hub._counters.refusals, refusal.kind)
+        if refusal not in (SHUTTING_DOWN, BACKEND_DOWN):
+            hub._counters.auth_failures += 1
     return principal, refusal
 
 
@@ -201,6 +211,7 @@ async def _refuse(
     # Accept, then close: browser JavaScript can read a close code, never a handshake status.
     await send(_accept(handshake))
     await send(close_message(refusal.code, refusal.reason))
+    hub._counters.count(hub._counters.closes, refusal.code)
 
 
 async def _write(conn: Connection, send: Send, hub: EventHub) -> None:

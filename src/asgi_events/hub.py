@@ -17,7 +17,7 @@ from .connection import Connection
 from .delivery import FULL, Outbox, SendSlots, text_message
 from .limits import Refusal, Settings
 from .registry import Registry
-from .stats import Counters
+from .stats import Counters, Histogram
 from .types import ClientMessageHook, Clock, Event, Message, VerifyToken
 
 READY = "asgi_events.ready"
@@ -110,6 +110,7 @@ class EventHub:
         )
         self._registry: Registry[Connection] = Registry()
         self._counters = Counters()
+        self._latency = Histogram()  # seconds a broadcast call takes (metrics only)
         self._slots = SendSlots(send_slots, stall_timeout)
         self._started = clock()
         self._accepting = True
@@ -125,9 +126,11 @@ class EventHub:
         :raises InvalidEventError: ``event`` is not a mapping with a string ``type``, or not JSON.
         :raises BackendUnavailableError: the backend could not take it.
         """
+        started = time.perf_counter()
         fields = codec.prepare(event)
         await self._backend.publish(user_id, fields, fields["type"] in self._transient)
         self._counters.events_published += 1
+        self._latency.observe(time.perf_counter() - started)
 
     async def broadcast_to_all(self, event: Event) -> None:
         """Send ``event`` to every open socket; it is not buffered.
@@ -135,8 +138,10 @@ class EventHub:
         :raises InvalidEventError: ``event`` is not a mapping with a string ``type``, or not JSON.
         :raises BackendUnavailableError: the backend could not take it.
         """
+        started = time.perf_counter()
         await self._backend.publish_to_all(codec.encode(codec.prepare(event)))
         self._counters.events_published += 1
+        self._latency.observe(time.perf_counter() - started)
 
     async def _backend_lost(self) -> None:
         """Delivery was interrupted: this node's sockets may have missed events. Close them

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from bisect import bisect_left
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
 
 @dataclass
@@ -26,6 +29,24 @@ class Counters:
     replayed_events: int = 0
     slow_consumer_closes: int = 0
     transient_shed: int = 0
+    refusals: dict[str, int] = field(default_factory=dict)  # sockets refused, by kind
+    closes: dict[int, int] = field(default_factory=dict)  # close frames sent, by code
+
+    def count(self, table: dict[Any, int], key: Any) -> None:
+        table[key] = table.get(key, 0) + 1
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class Histogram:
+    """Counts of observations per upper bound (``LATENCY_BUCKETS``, then +Inf) and their sum."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
