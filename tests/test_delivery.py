@@ -240,3 +240,27 @@ async def test_the_browser_client_is_served_next_to_the_socket(serve: ServeFn) -
     assert script.headers["content-type"].startswith("text/javascript")
     assert head.status_code == 200 and head.content == b""
     assert post.status_code == 405
+
+
+async def test_batch_subprotocol_sends_json_arrays(serve: ServeFn, connect: Connect) -> None:
+    server = await serve()
+    hub = server.hub
+    await hub.broadcast("alice", {"type": "T", "payload": 0})
+    url = server.ws_url(token="tok-alice", lastEventTs="2000-01-01")
+    async with connect(url, ["asgi-events.v1", "asgi-events.v1.batch"]) as ws:
+        assert ws.subprotocol == "asgi-events.v1.batch"
+        first = json.loads(await ws.receive_text(timeout=5))  # the replay and ready, together
+        assert [m["type"] for m in first] == ["T", "asgi_events.ready"]
+        for n in range(1, 51):
+            await hub.broadcast("alice", {"type": "T", "payload": n})
+        got: list[int] = []
+        frames = 0
+        while len(got) < 50:
+            batch = json.loads(await ws.receive_text(timeout=5))
+            assert isinstance(batch, list) and batch
+            got += [m["payload"] for m in batch]
+            frames += 1
+        assert got == list(range(1, 51))
+        assert frames < 50  # queued together, sent together
+        await ws.send_text("ping")
+        assert await ws.receive_text(timeout=5) == "pong"  # the one plain frame

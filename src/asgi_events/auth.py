@@ -13,6 +13,7 @@ import anyio.to_thread
 from .types import Principal, Scope, VerifyToken
 
 SUBPROTOCOL = "asgi-events.v1"
+BATCH_SUBPROTOCOL = "asgi-events.v1.batch"  # frames are JSON arrays of messages
 TOKEN_PROTOCOL_PREFIX = "asgi-events.token."
 _DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 
@@ -24,7 +25,7 @@ class Handshake:
     token: str | None
     last_event_id: str | None
     last_event_ts: str | None
-    subprotocol: str | None  # the subprotocol to accept, if the client offered ours
+    subprotocol: str | None  # the subprotocol to accept, if the client offered one of ours
     origin: str | None  # the Origin header, if any
 
 
@@ -44,7 +45,7 @@ def parse_handshake(scope: Scope) -> Handshake:
         token=query.get("token") or _bearer(headers) or _token_protocol(offered),
         last_event_id=query.get("lastEventId") or None,
         last_event_ts=query.get("lastEventTs") or None,
-        subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None,
+        subprotocol=next((p for p in (BATCH_SUBPROTOCOL, SUBPROTOCOL) if p in offered), None),
         origin=headers.get("origin"),
     )
 

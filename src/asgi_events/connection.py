@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .auth import Handshake, normalize_origin, parse_handshake, verify
-from .delivery import Outbox, close_message, text_message
+from .auth import BATCH_SUBPROTOCOL, Handshake, normalize_origin, parse_handshake, verify
+from .delivery import PONG, Outbox, close_message
 from .errors import BackendUnavailableError
 from .limits import TokenBucket
 from .stats import Counters
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("asgi_events")
 
-PONG = text_message("pong")
 CLOSE_TIMEOUT = 5.0  # how long a closing socket may take to finish
 
 
@@ -119,6 +118,7 @@ async def serve(
 
     settings = hub._settings
     outbox = Outbox(settings.send_queue_size, settings.durable_limit, hub._counters)
+    outbox.batch = handshake.subprotocol == BATCH_SUBPROTOCOL
     conn = Connection(principal, outbox, handshake, hub._counters)
     try:
         with conn.cancel_scope:

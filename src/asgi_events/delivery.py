@@ -26,6 +26,8 @@ import anyio
 from .stats import Counters
 from .types import Message, Send
 
+BATCH_BYTES = 64 * 1024  # a batch frame stops growing past this many characters
+
 # What Outbox.push reports.
 OK = 0
 BUSY = 1  # the queue is past its high-water mark: the publisher should let writers run
@@ -46,6 +48,9 @@ class TransientMessage(dict[str, Any]):
 def text_message(text: str, kind: type[dict[str, Any]] = dict) -> Message:
     """The ASGI message for one text frame; built once and shared by every socket it goes to."""
     return kind(type="websocket.send", text=text)
+
+
+PONG: Message = {"type": "websocket.send", "text": "pong"}
 
 
 def durable_message(text: str, key: Any) -> Message:
@@ -78,6 +83,7 @@ class Outbox:
         "_preloaded",
         "_queue",
         "_wake",
+        "batch",
         "sent",
         "stalled",
     )
@@ -96,6 +102,7 @@ class Outbox:
         self._close: Message | None = None
         self.sent = 0
         self.stalled = False  # lost its send slot once: sends outside the limit
+        self.batch = False  # asgi-events.v1.batch: everything queued goes out in one frame
 
     def push(self, message: Message) -> int:
         """Queue ``message``; OK, BUSY (queued, or shed if transient) or FULL (not queued)."""
@@ -204,6 +211,9 @@ class Outbox:
         start = self.sent
         try:
             while self._queue:  # (close() may replace or clear it while a send is in flight)
+                if self.batch:
+                    await self._send_batch(send)
+                    continue
                 message = self._queue.popleft()
                 if type(message) is DurableMessage:
                     self._durable -= 1
@@ -211,6 +221,27 @@ class Outbox:
                 self.sent += 1
         finally:
             self._counters.messages_sent += self.sent - start
+
+    async def _send_batch(self, send: Send) -> None:
+        """Send what is queued (up to ``BATCH_BYTES``) as one JSON array; never waits for more."""
+        queue, size = self._queue, 0
+        texts: list[str] = []
+        while queue and size < BATCH_BYTES:
+            message = queue[0]
+            if message is PONG:  # not JSON: it goes alone, as the plain text "pong"
+                if texts:
+                    break
+                queue.popleft()
+                await send(message)
+                self.sent += 1
+                return
+            queue.popleft()
+            if type(message) is DurableMessage:
+                self._durable -= 1
+            texts.append(message["text"])
+            size += len(texts[-1])
+        await send({"type": "websocket.send", "text": f"[{','.join(texts)}]"})
+        self.sent += len(texts)
 
 
 class SendSlots:
