@@ -1,7 +1,14 @@
 """The demo: jobs for a few users, pushed live, watched in a browser.
 
 Run: hypercorn examples.demo:app --bind 127.0.0.1:8000
-Then open http://127.0.0.1:8000/?user=alice (or bob, carol).
+Then open http://127.0.0.1:8000/?user=alice (or bob, carol; add &in=query to pass the token in
+the query string instead of the subprotocol).
+
+The page (demo.html) uses the browser client the middleware serves at /ws/client.js: it shows
+each job go JOB_STARTED -> progress -> JOB_COMPLETED/JOB_FAILED, its Disconnect/Reconnect
+button cuts and restores the socket, and the events missed meanwhile arrive marked "replayed",
+with a marker when the replay was incomplete. Its first connection asks for the last 15 s of
+events (lastEventTs), so that the job in progress shows at once.
 """
 
 from __future__ import annotations

@@ -236,7 +236,10 @@ async def test_the_browser_client_is_served_next_to_the_socket(serve: ServeFn) -
         script = await http.get("/ws/client.js")
         head = await http.head("/ws/client.js")
         post = await http.post("/ws/client.js")
-    assert script.status_code == 200 and script.text.strip()
+        again = await http.get("/ws/client.js", headers={"If-None-Match": script.headers["etag"]})
+    assert script.status_code == 200 and "export" in script.text
+    assert again.status_code == 304 and again.content == b""
+    assert script.headers["access-control-allow-origin"] == "*"
     assert script.headers["content-type"].startswith("text/javascript")
     assert head.status_code == 200 and head.content == b""
     assert post.status_code == 405

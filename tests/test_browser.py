@@ -1,0 +1,314 @@
+"""End to end: the demo page, and the browser client's reconnects, in headless Chromium.
+
+Chromium is Debian's ``chromium`` package (or the binary named by ``ASGI_EVENTS_CHROMIUM``),
+driven over the DevTools protocol with httpx-ws: no browser download, no driver package. One
+browser serves the module; each test opens its own tab on its own server (hypercorn, on the
+test's anyio backend) running ``examples.demo:app`` with its job producer.
+Set ``ASGI_EVENTS_SCREENSHOTS`` to a directory to keep a screenshot of each test's page.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from httpx_ws import AsyncWebSocketSession, aconnect_ws
+
+from asgi_events import EventHub, EventsMiddleware
+from asgi_events.types import Receive, Scope, Send
+from examples import demo
+
+from .conftest import QUIET, TIMEOUT, Connect, ServeFn, users
+
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-background-timer-throttling",  # tabs not in front keep their timers (pings)
+    "--disable-renderer-backgrounding",
+    "--disable-backgrounding-occluded-windows",
+    "--window-size=900,1000",
+    "--remote-debugging-port=0",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[str]:
+    """A headless Chromium for the module: its DevTools base URL (http://127.0.0.1:<port>)."""
+    binary = os.environ.get("ASGI_EVENTS_CHROMIUM") or shutil.which("chromium")
+    if binary is None:
+        pytest.fail("the browser tests need Chromium: apt-get install chromium")
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+        profile = Path(tmp, "profile")
+        with open(Path(tmp, "chromium.log"), "wb") as log:
+            process = subprocess.Popen(
+                [binary, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        try:
+            yield f"http://127.0.0.1:{_devtools_port(process, profile, Path(tmp, 'chromium.log'))}"
+        finally:
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                process.kill()
+                process.wait()
+
+
+def _devtools_port(process: subprocess.Popen[bytes], profile: Path, log: Path) -> int:
+    """Chromium writes the port it picked to DevToolsActivePort in its profile."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        path = profile / "DevToolsActivePort"
+        lines = path.read_text().split() if path.exists() else []
+        if len(lines) == 2:
+            return int(lines[0])
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    pytest.fail(f"Chromium did not start:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+class Tab:
+    """One page over the DevTools protocol: just commands and their results, in turn."""
+
+    def __init__(self, ws: AsyncWebSocketSession) -> None:
+        self.ws = ws
+        self.ids = itertools.count(1)
+
+    async def send(self, method: str, **params: Any) -> dict[str, Any]:
+        number = next(self.ids)
+        await self.ws.send_text(json.dumps({"id": number, "method": method, "params": params}))
+        with anyio.fail_after(TIMEOUT):
+            while True:  # skip the protocol's events: nothing here enables them, but still
+                reply = json.loads(await self.ws.receive_text())
+                if reply.get("id") == number:
+                    break
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return dict(reply["result"])
+
+    async def js(self, expression: str) -> Any:
+        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, what: str) -> Any:
+        """Poll ``expression`` until it is truthy (bounded by TIMEOUT); its value."""
+        deadline = anyio.current_time() + TIMEOUT
+        while not (value := await self.js(expression)):
+            if anyio.current_time() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; page:\n{await self.text()}")
+            await anyio.sleep(0.05)
+        return value
+
+    async def text(self) -> str:
+        return str(await self.js("document.body.innerText"))[:3000]
+
+    async def screenshot(self, name: str) -> None:
+        directory = os.environ.get("ASGI_EVENTS_SCREENSHOTS")
+        if directory:
+            png = base64.b64decode((await self.send("Page.captureScreenshot"))["data"])
+            await anyio.Path(directory, name).write_bytes(png)
+
+
+@asynccontextmanager
+async def open_tab(devtools: str, url: str) -> AsyncIterator[Tab]:
+    async with httpx.AsyncClient(base_url=devtools, timeout=TIMEOUT) as http:
+        target = (await http.put("/json/new?about:blank")).raise_for_status().json()
+        try:
+            page_ws = target["webSocketDebuggerUrl"].replace("ws://", "http://", 1)
+            async with aconnect_ws(
+                page_ws, http, keepalive_ping_interval_seconds=None, max_message_size_bytes=2**25
+            ) as ws:
+                tab = Tab(ws)
+                await tab.send("Page.navigate", url=url)
+                here = f"location.href === {json.dumps(url)}"
+                await tab.wait_for(f"{here} && document.readyState === 'complete'", f"{url}")
+                yield tab  # the page is loaded: its module scripts have run
+        finally:
+            with anyio.move_on_after(2, shield=True), suppress(httpx.HTTPError):
+                await http.get(f"/json/close/{target['id']}")
+
+
+# The page's state, read from its DOM: event rows newest first, so reversed here.
+EVENTS = """[...document.querySelectorAll('#log li.event')].reverse().map(li => ({
+  id: li.dataset.id, type: li.dataset.type, job: li.dataset.job,
+  replayed: li.dataset.replayed === 'true', payload: JSON.parse(li.dataset.payload)}))"""
+READIES = """[...document.querySelectorAll('#log li.ready')].reverse().map(li => ({
+  recovered: li.dataset.recovered === 'true', reason: li.dataset.reason,
+  replayed: Number(li.dataset.replayedCount), gap: li.classList.contains('gap')}))"""
+STATUS = "document.getElementById('status').dataset.status"
+TOGGLE = "document.getElementById('toggle').click()"
+
+
+async def cut(tab: Tab) -> None:
+    """The page's Disconnect button, and its socket is gone (both sides)."""
+    assert await tab.js("document.getElementById('toggle').textContent") == "Disconnect"
+    await tab.js(TOGGLE)
+    await tab.wait_for(f"{STATUS} === 'paused'", "the page to say paused")
+    with anyio.fail_after(TIMEOUT):
+        while demo.hub.stats()["total_connections"]:  # noqa: ASYNC110 - the server's state
+            await anyio.sleep(0.02)
+
+
+async def restore(tab: Tab, readies: int) -> list[dict[str, Any]]:
+    """The page's Reconnect button; once the new socket's ready message is shown, the readies."""
+    assert await tab.js("document.getElementById('toggle').textContent") == "Reconnect"
+    await tab.js(TOGGLE)
+    await tab.wait_for(f"({READIES}).length === {readies}", f"ready message {readies}")
+    result: list[dict[str, Any]] = await tab.js(READIES)
+    return result
+
+
+async def test_the_demo_shows_live_jobs_and_missed_events_exactly_once(
+    serve: ServeFn, browser: str
+) -> None:
+    server = await serve(demo.app)
+    async with open_tab(browser, f"{server.url}/?user=alice") as tab:
+        # The first connection: the job in progress (replayed by lastEventTs), then live progress.
+        await tab.wait_for(f"({READIES}).length === 1", "the first ready message")
+        await tab.wait_for(
+            "[...document.querySelectorAll('#jobs .job')].some(j => j.dataset.percent > 0)",
+            "a job's progress bar to move (live JOB_PROGRESS)",
+        )
+        assert await tab.js(f"{STATUS} === 'open'")
+        first = (await tab.js(READIES))[0]
+        assert first["recovered"] and first["replayed"] >= 1  # at least the job's JOB_STARTED
+
+        await cut(tab)
+        missed = []
+        for n in (1, 2, 3):
+            job = {"jobId": f"e2e-{n}"}
+            missed += [("JOB_STARTED", job["jobId"]), ("JOB_COMPLETED", job["jobId"])]
+            await demo.hub.broadcast("alice", {"type": "JOB_STARTED", "payload": job})
+            progress = {**job, "percent": 50}  # transient: live only, never replayed
+            await demo.hub.broadcast("alice", {"type": "JOB_PROGRESS", "payload": progress})
+            await demo.hub.broadcast("alice", {"type": "JOB_COMPLETED", "payload": job})
+        readies = await restore(tab, 2)
+
+        assert [r["gap"] for r in readies] == [False, False]
+        assert readies[1]["recovered"] and readies[1]["replayed"] >= len(missed)
+        events = await tab.js(EVENTS)
+        ids = [e["id"] for e in events]
+        assert len(ids) == len(set(ids)) and all(ids), "an event shown twice, or without id"
+        ours = [e for e in events if e["job"].startswith("e2e-")]
+        assert [(e["type"], e["job"]) for e in ours] == missed
+        assert all(e["replayed"] for e in ours)
+        assert await tab.js("document.querySelectorAll('.gap, .stale').length") == 0
+        for n in (1, 2, 3):
+            card = f"document.getElementById('job-e2e-{n}')"
+            assert await tab.js(f"{card}.classList.contains('JOB_COMPLETED')")
+
+        # Live again, on the restored socket.
+        await demo.hub.broadcast("alice", {"type": "JOB_STARTED", "payload": {"jobId": "e2e-live"}})
+        live = await tab.wait_for(
+            f"({EVENTS}).filter(e => e.job === 'e2e-live')", "the live event after the reconnect"
+        )
+        assert [e["replayed"] for e in live] == [False]
+        await tab.screenshot(f"demo-resumed-{server.port}.png")
+
+
+async def test_the_demo_marks_an_incomplete_replay(serve: ServeFn, browser: str) -> None:
+    server = await serve(demo.app)
+    async with open_tab(browser, f"{server.url}/?user=bob&in=query") as tab:  # token in query
+        await tab.wait_for(f"({READIES}).length === 1", "the first ready message")
+        await cut(tab)
+        total = 260  # more than the demo hub's buffer_size (200): the oldest are evicted
+        for n in range(total):
+            await demo.hub.broadcast("bob", {"type": "NOTICE", "payload": {"n": n}})
+        readies = await restore(tab, 2)
+
+        assert [r["gap"] for r in readies] == [False, True]
+        assert readies[1]["reason"] == "evicted" and not readies[1]["recovered"]
+        note = await tab.js("document.getElementById('note').textContent")
+        assert "replay incomplete (evicted)" in note
+        events = await tab.js(EVENTS)
+        ids = [e["id"] for e in events]
+        assert len(ids) == len(set(ids)) and all(ids)
+        kept = [e["payload"]["n"] for e in events if e["type"] == "NOTICE"]
+        assert kept == list(range(total - len(kept), total)) and 150 < len(kept) <= 200
+        assert all(e["replayed"] for e in events if e["type"] == "NOTICE")
+        await tab.screenshot(f"demo-gap-{server.port}.png")
+
+
+# A bare page for the client itself: its options from the query, what it reports kept in
+# window.seen (payload, replayed), window.readies and window.statuses ([status, code]).
+CLIENT_PAGE = b"""<!doctype html><script type="module">
+import { connect } from "/ws/client.js";
+const q = new URLSearchParams(location.search);
+Object.assign(window, { seen: [], readies: [], statuses: [] });
+window.client = connect({
+  token: q.get("token"), tokenIn: q.get("in") || undefined, ping: Number(q.get("ping") || 0),
+  backoff: { initial: 100, max: 400 },
+  refreshToken: q.get("fresh") ? async () => q.get("fresh") : undefined,
+  onEvent: (event, { replayed }) => seen.push([event.payload, replayed]),
+  onReady: (ready) => readies.push(ready),
+  onStatus: (status, detail) => statuses.push([status, detail.code ?? null]),
+});
+</script>"""
+
+
+async def client_page(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "http":
+        headers = [(b"content-type", b"text/html")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": CLIENT_PAGE})
+
+
+async def test_the_client_reconnects_resumes_pings_refreshes_and_stops(
+    serve: ServeFn, connect: Connect, browser: str
+) -> None:
+    hub = EventHub(users, idle_timeout=0.8, max_connections_per_user=1)
+    server = await serve(EventsMiddleware(client_page, hub=hub), hub=hub)
+    async with (
+        open_tab(browser, f"{server.url}/?token=tok-alice") as idle,
+        open_tab(browser, f"{server.url}/?token=tok-bob&ping=150") as pinging,
+        open_tab(browser, f"{server.url}/?token=no&fresh=tok-carol&in=query&ping=150") as fresh,
+    ):
+        for tab in (idle, pinging, fresh):  # (alice's tab may be on its next socket already)
+            await tab.wait_for("readies.length >= 1", "the first ready message")
+        # alice never writes: closed with 4002 every 0.8 s, she reconnects and resumes by id;
+        # bob's pings keep his one socket open.
+        for n in range(30):
+            await hub.broadcast("alice", {"type": "N", "payload": n})
+            await hub.broadcast("bob", {"type": "N", "payload": n})
+            await anyio.sleep(0.06)
+        for tab in (idle, pinging):
+            await tab.wait_for("seen.length >= 30", "30 events")
+            assert [payload for payload, _ in await tab.js("seen")] == list(range(30))
+        assert ["closed", 4002] in await idle.js("statuses")
+        assert all(ready["recovered"] for ready in await idle.js("readies"))
+        assert await pinging.js("statuses") == [["connecting", None], ["open", None]]
+        # A bad token (1008), then the one refreshToken gave.
+        statuses = await fresh.js("statuses")
+        assert [s for s in statuses if s[0] == "closed"] == [["closed", 1008]]
+        assert statuses[-1] == ["open", None]
+        # A new socket of bob's displaces the page's (1008): the client stops, for good.
+        async with connect(server.ws_url(token="tok-bob")):
+            await pinging.wait_for("client.status === 'stopped'", "the client to stop")
+            await anyio.sleep(QUIET)
+            assert (await pinging.js("statuses"))[-1] == ["stopped", 1008]
+            assert hub.stats()["connections_per_user"].get("bob") == 1
