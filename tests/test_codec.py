@@ -62,3 +62,16 @@ def test_parse_timestamp_rejects(text: object) -> None:
 def test_utc_now_iso_looks_like_javascript() -> None:
     now = utc_now_iso()
     assert len(now) == 24 and now[10] == "T" and now.endswith("Z")
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"type": "asgi_events.ready", "payload": {}},
+        {"type": "T", "id": "x"},
+        {"type": "T", "id": 1},
+    ],
+)
+def test_reserved_types_and_the_id_field_are_refused(event: dict[str, object]) -> None:
+    with pytest.raises(InvalidEventError):
+        prepare(event)

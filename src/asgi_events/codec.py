@@ -9,6 +9,7 @@ from typing import Any
 
 from .errors import InvalidEventError
 
+RESERVED_PREFIX = "asgi_events."  # control messages' types
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
@@ -34,12 +35,18 @@ def parse_timestamp(value: object) -> datetime | None:
 def prepare(event: object) -> dict[str, Any]:
     """Check an event and return its fields with ``timestamp`` filled in when absent.
 
-    :raises InvalidEventError: not a mapping with a string ``type``.
+    :raises InvalidEventError: not a mapping with a string ``type``, a reserved type
+        (``asgi_events.*``), or an ``id`` field (the protocol's resume point).
     """
     if not isinstance(event, Mapping):
         raise InvalidEventError(f"an event must be a mapping, not {type(event).__name__}")
-    if not isinstance(event.get("type"), str):
+    kind = event.get("type")
+    if not isinstance(kind, str):
         raise InvalidEventError("an event needs a string 'type'")
+    if kind.startswith(RESERVED_PREFIX):
+        raise InvalidEventError(f"types starting with {RESERVED_PREFIX!r} are asgi-events' own")
+    if "id" in event:
+        raise InvalidEventError("'id' is reserved: asgi-events gives buffered events their id")
     fields = dict(event)
     if fields.get("timestamp") is None:
         fields["timestamp"] = utc_now_iso()

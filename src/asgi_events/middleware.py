@@ -20,7 +20,7 @@ class EventsMiddleware:
 
     :param app: the inner ASGI app; it gets every HTTP scope, every WebSocket on another path,
         and the lifespan messages (the hub runs between startup and shutdown).
-    :param hub: the :class:`EventHub` these sockets belong to.
+    :param hub: the ``EventHub`` these sockets belong to.
     :param path: the WebSocket path to take over, matched exactly against ``scope["path"]``;
         the browser client (a JavaScript module) is served at ``<path>/client.js``.
     :param allowed_origins: if given, the only ``scheme://host[:port]`` origins whose browser
