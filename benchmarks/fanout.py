@@ -1,6 +1,6 @@
 """Burst fan-out benchmark: asgi-events (EventsMiddleware + EventHub) against a naive raw loop.
 
-One invocation measures both variants on one server (see ``benchmarks/README.md``)::
+One invocation measures every variant on one server (see ``benchmarks/README.md``)::
 
     .venv/bin/python benchmarks/fanout.py --server hypercorn-asyncio
     .venv/bin/python benchmarks/fanout.py --server hypercorn-trio --quick
@@ -10,6 +10,9 @@ The server runs in its own process pinned to CPU 0; this process holds the N Web
 client side needs no more) and is pinned to CPU 1. Once every socket is connected it asks the
 server (``POST /publish``) to publish M events in one burst, and measures until every client
 has all M. A fresh server process serves each run; runs are interleaved (raw, asgi-events, ...).
+
+The ``asgi-events-redis`` variant runs two server processes (nodes) on one ``redis-server``,
+all three on CPU 0; half the clients connect to each node, and one node publishes the burst.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import os
 import pstats
 import re
 import resource
+import secrets
+import shutil
 import signal
 import socket
 import statistics
@@ -43,7 +48,10 @@ from typing import Any, ClassVar
 
 HOST = "127.0.0.1"
 SERVERS = ("hypercorn-asyncio", "hypercorn-trio")
-VARIANTS = ("raw", "asgi-events")  # the order runs are interleaved in
+REDIS_VARIANT = "asgi-events-redis"  # two nodes on one redis-server
+VARIANTS = ("raw", "asgi-events", REDIS_VARIANT)  # the order runs are interleaved in
+QUICK_VARIANTS = ("raw", "asgi-events")  # --quick runs these unless --variants says otherwise
+REDIS_NODES = 2
 EVENT_TYPE = "bench.tick"
 WS_PATH = "/ws"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -66,6 +74,7 @@ CONNECT_TIMEOUT = 60.0  # all N sockets
 HTTP_TIMEOUT = 10.0
 SERVER_READY_WAIT = 10.0  # the server waits this long for all N sockets to be registered
 SERVER_STOP_TIMEOUT = 15.0
+REDIS_START_TIMEOUT = 10.0
 CHILD_MAX_LIFETIME = 900.0  # a server process ends itself after this, whatever happens
 
 Message = dict[str, Any]
@@ -136,10 +145,11 @@ _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 class Control:
-    """The HTTP control routes both variants share: ready, publish, measure/stop, shutdown.
+    """The HTTP control routes every variant shares: ready, publish, measure, shutdown.
 
-    From the start of a burst to ``POST /measure/stop`` it times the garbage collector (and, with
-    a profile path, runs cProfile).
+    From the start of a burst (``POST /publish``, or ``POST /measure/start`` on a node that does
+    not publish) to ``POST /measure/stop`` it times the garbage collector (and, with a profile
+    path, runs cProfile).
     """
 
     def __init__(
@@ -147,12 +157,14 @@ class Control:
         count: Callable[[], int],
         publish: Callable[[int, str], Awaitable[None]],
         profile_path: str | None,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         import anyio
 
         self._anyio = anyio
         self.count = count  # sockets the server has registered for delivery
         self.publish = publish  # (events, pad) -> the whole burst
+        self.ready = ready  # e.g. subscribed to Redis
         self.shutdown = anyio.Event()
         self._profile_path = profile_path
         self._profiler: cProfile.Profile | None = None
@@ -183,7 +195,11 @@ class Control:
                 break
         route = (scope["method"], scope["path"])
         if route == ("GET", "/ready"):
-            await respond(send, 200, {"ok": True})
+            ok = self.ready()
+            await respond(send, 200 if ok else 503, {"ok": ok})
+        elif route == ("POST", "/measure/start"):
+            status, answer = await self._arm(int(json.loads(body)["sockets"]))
+            await respond(send, status, answer)
         elif route == ("POST", "/publish"):
             status, answer = await self._publish(json.loads(body))
             await respond(send, status, answer)
@@ -197,10 +213,9 @@ class Control:
         else:
             await respond(send, 404, {"error": "not found"})
 
-    async def _publish(self, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        sockets, events = int(request["sockets"]), int(request["events"])
-        pad = "x" * int(request["payload"])
-        # The client saw its 101 before the server registered the socket: wait for all N.
+    async def _arm(self, sockets: int) -> tuple[int, dict[str, Any]]:
+        """Wait until ``sockets`` are registered, collect garbage, start measuring."""
+        # The client saw its 101 before the server registered the socket: wait for all of them.
         with self._anyio.move_on_after(SERVER_READY_WAIT):
             while self.count() < sockets:
                 await self._anyio.sleep(0.005)
@@ -209,14 +224,21 @@ class Control:
             return 503, {"error": f"only {connected} of {sockets} sockets registered"}
         gc.collect()
         self._measuring = True
-        if self._profile_path is not None:
+        if self._profile_path is not None and self._profiler is None:
             self._profiler = cProfile.Profile()
             self._profiler.enable()
+        return 200, {"connected": connected}
+
+    async def _publish(self, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        events, pad = int(request["events"]), "x" * int(request["payload"])
+        status, answer = await self._arm(int(request["sockets"]))
+        if status != 200:
+            return status, answer
         start_ns = time.time_ns()
         started = time.perf_counter()
         await self.publish(events, pad)
         call_s = time.perf_counter() - started
-        return 200, {"start_ns": start_ns, "call_s": call_s, "connected": connected}
+        return 200, {"start_ns": start_ns, "call_s": call_s, **answer}
 
     def _stop_measuring(self) -> None:
         self._measuring = False
@@ -241,21 +263,36 @@ async def run_lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-def build_asgi_events_app(profile_path: str | None) -> tuple[ASGIApp, Control]:
-    """EventsMiddleware + EventHub; the burst is M ``broadcast_to_all`` calls."""
+def build_asgi_events_app(
+    profile_path: str | None, redis: tuple[str, str] | None = None
+) -> tuple[ASGIApp, Control]:
+    """EventsMiddleware + EventHub; the burst is M ``broadcast_to_all`` calls.
+
+    With ``redis`` (url, key prefix) the hub is one node on ``RedisBackend``: it is ready once
+    subscribed, and a burst published here reaches the other nodes' sockets through Redis.
+    """
     from asgi_events import EventHub, EventsMiddleware
 
     async def verify_token(token: str) -> str | None:
         return token or None
 
-    hub = EventHub(verify_token)
+    ready: Callable[[], bool] = lambda: True  # noqa: E731
+    if redis is None:
+        hub = EventHub(verify_token)
+    else:
+        from asgi_events.backends.redis import RedisBackend
+
+        url, prefix = redis
+        backend = RedisBackend(url, prefix=prefix)
+        hub = EventHub(verify_token, backend=backend)
+        ready = lambda: backend.healthy  # noqa: E731
 
     async def publish(events: int, pad: str) -> None:
         for seq in range(events):
             payload = {"seq": seq, "t": time.time_ns(), "pad": pad}
             await hub.broadcast_to_all({"type": EVENT_TYPE, "payload": payload})
 
-    control = Control(lambda: int(hub.stats()["total_connections"]), publish, profile_path)
+    control = Control(lambda: int(hub.stats()["total_connections"]), publish, profile_path, ready)
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -309,7 +346,9 @@ def build_raw_app(profile_path: str | None) -> tuple[ASGIApp, Control]:
     return app, control
 
 
-def serve_main(server: str, variant: str, fd: int, profile_path: str | None) -> None:
+def serve_main(
+    server: str, variant: str, fd: int, profile_path: str | None, redis: tuple[str, str] | None
+) -> None:
     """The server process: hypercorn on the listening socket ``fd`` until ``POST /shutdown``."""
     die_with_parent()
     start_watchdog(CHILD_MAX_LIFETIME)
@@ -324,10 +363,12 @@ def serve_main(server: str, variant: str, fd: int, profile_path: str | None) -> 
     config.loglevel = "WARNING"
     config.backlog = 4096
     config.graceful_timeout = 3.0
-    build = build_asgi_events_app if variant == "asgi-events" else build_raw_app
 
     async def main() -> None:
-        app, control = build(profile_path)
+        if variant == "raw":
+            app, control = build_raw_app(profile_path)
+        else:
+            app, control = build_asgi_events_app(profile_path, redis)
         if server == "hypercorn-asyncio":
             from hypercorn.asyncio import serve
 
@@ -345,12 +386,44 @@ def serve_main(server: str, variant: str, fd: int, profile_path: str | None) -> 
         trio.run(main)
 
 
-class ServerProcess:
+class ProcStats:
+    """CPU time and peak RSS of a child process, read from ``/proc``."""
+
+    proc: subprocess.Popen[bytes]
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the process's main thread so far (ns resolution where available)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/schedstat") as schedstat:
+                return int(schedstat.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):  # no schedstat: clock ticks of the process
+            with open(f"/proc/{self.proc.pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def status(self, key: str) -> str:
+        with open(f"/proc/{self.proc.pid}/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return line.split(":", 1)[1].strip()
+        return "?"
+
+    def peak_rss_mb(self) -> float:
+        return int(self.status("VmHWM").split()[0]) / 1024  # kB
+
+
+class ServerProcess(ProcStats):
     """A server process on an ephemeral port of 127.0.0.1 (the socket is bound here)."""
 
     live: ClassVar[set[ServerProcess]] = set()  # for the cleanup on exit
 
-    def __init__(self, server: str, variant: str, profile_path: Path | None) -> None:
+    def __init__(
+        self,
+        server: str,
+        variant: str,
+        profile_path: Path | None,
+        redis: tuple[str, str] | None = None,
+    ) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((HOST, 0))
@@ -360,6 +433,8 @@ class ServerProcess:
         command = [sys.executable, __file__, "--serve", server, variant, str(fd)]
         if profile_path is not None:
             command += ["--profile-to", str(profile_path)]
+        if redis is not None:
+            command += ["--redis-url", redis[0], "--redis-prefix", redis[1]]
         try:
             self.proc = subprocess.Popen(
                 command, pass_fds=(fd,), stdout=self.log, stderr=subprocess.STDOUT
@@ -380,26 +455,6 @@ class ServerProcess:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not ready after {SERVER_START_TIMEOUT} s")
             await asyncio.sleep(0.05)
-
-    def cpu_seconds(self) -> float:
-        """CPU time of the server's event-loop thread so far (ns resolution where available)."""
-        try:
-            with open(f"/proc/{self.proc.pid}/schedstat") as schedstat:
-                return int(schedstat.read().split()[0]) / 1e9
-        except (OSError, ValueError, IndexError):  # no schedstat: clock ticks of the process
-            with open(f"/proc/{self.proc.pid}/stat") as stat:
-                fields = stat.read().rpartition(")")[2].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def status(self, key: str) -> str:
-        with open(f"/proc/{self.proc.pid}/status") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return line.split(":", 1)[1].strip()
-        return "?"
-
-    def peak_rss_mb(self) -> float:
-        return int(self.status("VmHWM").split()[0]) / 1024  # kB
 
     def log_tail(self, lines: int = 30) -> str:
         self.log.seek(0)
@@ -432,6 +487,93 @@ class ServerProcess:
     def close(self) -> None:
         self.kill()
         self.log.close()
+
+
+def redis_server_binary() -> str:
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.access(binary, os.X_OK):
+        raise SystemExit(f"{REDIS_VARIANT} needs redis-server (apt-get install redis-server)")
+    return binary
+
+
+def redis_server_version() -> str:
+    try:
+        out = subprocess.run(
+            [redis_server_binary(), "--version"], capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    found = re.search(r"v=(\S+)", out)
+    return found[1] if found else "?"
+
+
+def _redis_child_setup() -> None:  # pragma: no cover - runs in the forked child
+    """Before exec: pin to the server CPU and die with this process."""
+    with contextlib.suppress(OSError):
+        if (os.cpu_count() or 1) > SERVER_CPU:
+            os.sched_setaffinity(0, {SERVER_CPU})
+    die_with_parent()
+
+
+class RedisProcess(ProcStats):
+    """A ``redis-server`` on a free port of 127.0.0.1, without persistence, on the server CPU."""
+
+    live: ClassVar[set[RedisProcess]] = set()  # for the cleanup on exit
+
+    def __init__(self) -> None:
+        with socket.socket() as sock:  # a free port (freed again: redis-server binds it)
+            sock.bind((HOST, 0))
+            self.port: int = sock.getsockname()[1]
+        self.url = f"redis://{HOST}:{self.port}/0"
+        self.dir = tempfile.TemporaryDirectory(prefix="fanout-redis-")
+        self.log = tempfile.TemporaryFile(mode="w+b", prefix="fanout-redis-")
+        command = [
+            redis_server_binary(),
+            "--port", str(self.port),
+            "--bind", HOST,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self.dir.name,
+            "--daemonize", "no",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            command, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=_redis_child_setup
+        )
+        RedisProcess.live.add(self)
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + REDIS_START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                tail = self.log.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}:\n{tail}")
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(HOST, self.port), 1.0
+                )
+                try:
+                    writer.write(b"PING\r\n")
+                    if (await asyncio.wait_for(reader.readline(), 1.0)).startswith(b"+PONG"):
+                        return
+                finally:
+                    writer.close()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server not ready after {REDIS_START_TIMEOUT} s")
+            await asyncio.sleep(0.02)
+
+    def close(self) -> None:
+        """SIGTERM (it saves nothing, so it exits at once), then SIGKILL; bounded."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(3.0)
+        RedisProcess.live.discard(self)
+        self.log.close()
+        self.dir.cleanup()
 
 
 # -- the load side ----------------------------------------------------------------------------
@@ -619,12 +761,14 @@ class Client(asyncio.Protocol):
             self.transport.close()
 
 
-async def connect_all(port: int, tally: Tally, concurrency: int = 64) -> list[Client]:
+async def connect_all(ports: list[int], tally: Tally, concurrency: int = 64) -> list[Client]:
+    """Client ``i`` connects to ``ports[i % len(ports)]`` (round robin over the nodes)."""
     loop = asyncio.get_running_loop()
     clients: list[Client] = []
     gate = asyncio.Semaphore(concurrency)
 
     async def connect(i: int) -> None:
+        port = ports[i % len(ports)]
         async with gate:
             client = Client(port, f"user-{i}", tally)
             clients.append(client)
@@ -654,8 +798,10 @@ class RunResult:
     out_of_order: int
     duplicates: int
     closed: int  # sockets the server closed or lost during the run
-    server_cpu: float  # share of one core over the window
-    server_rss_mb: float
+    server_cpu: float  # share of one core over the window (all nodes)
+    server_rss_mb: float  # peak RSS, summed over the nodes
+    node_rss_mb: list[float]  # peak RSS per node
+    redis_cpu: float | None  # redis-server's main thread, share of one core (Redis variant)
     load_cpu: float
     server_gc: float  # share of the window the server spent in the garbage collector
     gc_runs: list[int]  # the server's collections per generation in the window
@@ -709,24 +855,55 @@ def percentile(sorted_values: list[int], fraction: float) -> float:
 
 
 async def run_once(
-    server: str, variant: str, run: int, args: argparse.Namespace, profile: Path | None
+    server: str, variant: str, run: int, args: argparse.Namespace, profiles: list[Path] | None
 ) -> RunResult:
-    proc = ServerProcess(server, variant, profile)
+    """One run: fresh server process(es) (and redis-server), N clients, one burst.
+
+    ``profiles``: one cProfile output path per node (node 1 publishes), or None.
+    """
+    redis: RedisProcess | None = None
+    nodes: list[ServerProcess] = []
     clients: list[Client] = []
     try:
-        await proc.wait_ready()
+        count = REDIS_NODES if variant == REDIS_VARIANT else 1
+        node_redis: tuple[str, str] | None = None
+        if variant == REDIS_VARIANT:
+            redis = RedisProcess()
+            await redis.wait_ready()
+            # A prefix of this run's own (the server is fresh anyway; this keeps keys apart).
+            node_redis = (redis.url, f"fanout-{os.getpid()}-{run}-{secrets.token_hex(4)}")
+        for k in range(count):
+            profile = profiles[k] if profiles is not None else None
+            nodes.append(ServerProcess(server, variant, profile, node_redis))
+        await asyncio.gather(*(node.wait_ready() for node in nodes))
         tally = Tally(args.sockets, args.events, asyncio.Event())
-        clients = await connect_all(proc.port, tally)
+        clients = await connect_all([node.port for node in nodes], tally)
+        shares = [len(range(k, args.sockets, count)) for k in range(count)]  # sockets per node
+        # The nodes that only receive: wait for their sockets, collect garbage, start measuring.
+        for node, share in zip(nodes[1:], shares[1:], strict=True):
+            status, answer = await http_request(
+                node.port,
+                "POST",
+                "/measure/start",
+                {"sockets": share},
+                timeout=SERVER_READY_WAIT + HTTP_TIMEOUT,
+            )
+            if status != 200:
+                raise RuntimeError(f"POST /measure/start answered {status}: {answer}")
         gc.collect()
-        request = {"sockets": args.sockets, "events": args.events, "payload": args.payload}
+        request = {"sockets": shares[0], "events": args.events, "payload": args.payload}
 
-        cpu_before, server_before = load_cpu_seconds(), proc.cpu_seconds()
+        def server_cpu_seconds() -> tuple[float, float]:
+            return sum(n.cpu_seconds() for n in nodes), redis.cpu_seconds() if redis else 0.0
+
+        cpu_before, server_before = load_cpu_seconds(), server_cpu_seconds()
         machine_before = machine_busy_seconds()
         wall_before = time.perf_counter()
         sent_ns = time.time_ns()
+        publisher = nodes[0]
         publish = asyncio.ensure_future(
             http_request(
-                proc.port, "POST", "/publish", request, timeout=args.timeout + HTTP_TIMEOUT
+                publisher.port, "POST", "/publish", request, timeout=args.timeout + HTTP_TIMEOUT
             )
         )
         timed_out = False
@@ -735,7 +912,7 @@ async def run_once(
         except asyncio.TimeoutError:
             timed_out = True
         wall = time.perf_counter() - wall_before
-        cpu_after, server_after = load_cpu_seconds(), proc.cpu_seconds()
+        cpu_after, server_after = load_cpu_seconds(), server_cpu_seconds()
         machine_after = machine_busy_seconds()
         notes: list[str] = []
         try:
@@ -748,17 +925,23 @@ async def run_once(
             notes.append(f"publish did not answer ({type(exc).__name__})")
         if status != 200:
             raise RuntimeError(f"POST /publish answered {status}: {answer}")
-        measured: dict[str, Any] = {"gc_s": float("nan"), "gc_runs": [0, 0, 0]}
-        try:
-            _, measured = await http_request(
-                proc.port, "POST", "/measure/stop", {}, timeout=HTTP_TIMEOUT
-            )
-        except (OSError, asyncio.TimeoutError, ValueError):
-            if not timed_out:
-                raise
-        peak_rss = proc.peak_rss_mb()
+        gc_s, gc_runs = 0.0, [0, 0, 0]
+        for node in nodes:
+            measured: dict[str, Any] = {"gc_s": float("nan"), "gc_runs": [0, 0, 0]}
+            try:
+                _, measured = await http_request(
+                    node.port, "POST", "/measure/stop", {}, timeout=HTTP_TIMEOUT
+                )
+            except (OSError, asyncio.TimeoutError, ValueError):
+                if not timed_out:
+                    raise
+            gc_s += float(measured["gc_s"])
+            gc_runs = [a + b for a, b in zip(gc_runs, measured["gc_runs"], strict=True)]
+        node_rss = [node.peak_rss_mb() for node in nodes]
 
         load_cpu = (cpu_after - cpu_before) / wall
+        servers_cpu = server_after[0] - server_before[0]
+        redis_cpu = server_after[1] - server_before[1]
         window_s = max(tally.last_ns - int(answer["start_ns"]), 1) / 1e9
         latencies = sorted(tally.latencies_ns)
         result = RunResult(
@@ -771,18 +954,17 @@ async def run_once(
             out_of_order=tally.out_of_order,
             duplicates=tally.duplicates,
             closed=sum(c.close_code is not None or c.lost_connection for c in clients),
-            server_cpu=(server_after - server_before) / wall,
-            server_rss_mb=peak_rss,
-            server_gc=float(measured["gc_s"]) / wall,
-            gc_runs=list(measured["gc_runs"]),
+            server_cpu=servers_cpu / wall,
+            server_rss_mb=sum(node_rss),
+            node_rss_mb=node_rss,
+            redis_cpu=redis_cpu / wall if redis is not None else None,
+            server_gc=gc_s / wall,
+            gc_runs=gc_runs,
             load_cpu=load_cpu,
             softirq_cpu=(machine_after[1] - machine_before[1]) / wall,
             other_cpu=max(
                 0.0,
-                machine_after[0]
-                - machine_before[0]
-                - (server_after - server_before)
-                - load_cpu * wall,
+                machine_after[0] - machine_before[0] - servers_cpu - redis_cpu - load_cpu * wall,
             )
             / wall,
             window_s=window_s,
@@ -803,11 +985,15 @@ async def run_once(
         for client in clients:
             client.close()
         await asyncio.sleep(0.1)  # let the close frames go out
-        await proc.stop()
-        problems = proc.log_problems()
-        if problems:
-            print(f"  server log ({variant} run {run}):\n{problems}", file=sys.stderr)
-        proc.close()
+        await asyncio.gather(*(node.stop() for node in nodes), return_exceptions=True)
+        for k, node in enumerate(nodes, 1):
+            problems = node.log_problems()
+            if problems:
+                where = f"node {k}, " if len(nodes) > 1 else ""
+                print(f"  server log ({where}{variant} run {run}):\n{problems}", file=sys.stderr)
+            node.close()
+        if redis is not None:
+            redis.close()
 
 
 # -- reporting --------------------------------------------------------------------------------
@@ -826,7 +1012,34 @@ MEDIAN_KEYS = (
 
 
 def median_result(results: list[RunResult]) -> dict[str, float]:
-    return {k: statistics.median(getattr(r, k) for r in results) for k in MEDIAN_KEYS}
+    medians = {k: statistics.median(getattr(r, k) for r in results) for k in MEDIAN_KEYS}
+    redis = [r.redis_cpu for r in results if r.redis_cpu is not None]
+    medians["redis_cpu"] = statistics.median(redis) if redis else float("nan")
+    return medians
+
+
+def percent(value: float | None) -> str:
+    """A share of a core; one decimal below 10% (redis-server's is well under 1%)."""
+    if value is None or value != value:
+        return "-"
+    return f"{value:.1%}" if value < 0.1 else f"{value:.0%}"
+
+
+def ratio_lines(medians: dict[str, dict[str, float]]) -> list[str]:
+    """The ratios of median deliveries/s: to raw, and two Redis nodes to one node in memory."""
+    rate = {variant: m["deliveries_per_s"] for variant, m in medians.items()}
+    lines = []
+    for variant in VARIANTS[1:]:
+        if "raw" in rate and variant in rate:
+            lines.append(f"**{variant} / raw deliveries/s: {rate[variant] / rate['raw']:.2f}x**")
+    if "asgi-events" in rate and REDIS_VARIANT in rate:
+        ratio = rate[REDIS_VARIANT] / rate["asgi-events"]
+        verdict = "met" if ratio >= 0.7 else "NOT met"
+        lines.append(
+            f"**{REDIS_VARIANT} / asgi-events deliveries/s (two nodes on Redis / one node in "
+            f"memory, same clients): {ratio:.2f}x** (goal >= 0.7x: {verdict})"
+        )
+    return [line for text in lines for line in ("", text)]
 
 
 def markdown_report(args: argparse.Namespace, results: list[RunResult], header: list[str]) -> str:
@@ -837,8 +1050,8 @@ def markdown_report(args: argparse.Namespace, results: list[RunResult], header: 
         f"M={args.events} events/burst, payload {args.payload} B.",
         "",
         "| variant | deliveries/s (min-max) | p50 ms | p99 ms | lost | out-of-order "
-        "| server CPU | server GC | server peak RSS MB | load CPU | load-bound runs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server CPU | server GC | server peak RSS MB | redis CPU | load CPU | load-bound runs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     medians: dict[str, dict[str, float]] = {}
     for variant in VARIANTS:
@@ -852,37 +1065,51 @@ def markdown_report(args: argparse.Namespace, results: list[RunResult], header: 
             f"| {m['p50_ms']:.1f} | {m['p99_ms']:.1f} "
             f"| {sum(r.lost for r in runs)} | {sum(r.out_of_order for r in runs)} "
             f"| {m['server_cpu']:.0%} | {m['server_gc']:.0%} | {m['server_rss_mb']:.1f} "
+            f"| {percent(m['redis_cpu'])} "
             f"| {m['load_cpu']:.0%} | {sum(r.load_bound for r in runs)}/{len(runs)} |"
         )
-    if "raw" in medians and "asgi-events" in medians:
-        ratio = medians["asgi-events"]["deliveries_per_s"] / medians["raw"]["deliveries_per_s"]
-        lines += ["", f"**asgi-events / raw deliveries/s: {ratio:.2f}x**"]
+    lines += ratio_lines(medians)
+    if REDIS_VARIANT in medians:
+        lines += [
+            "",
+            f"{REDIS_VARIANT}: two server processes (nodes) on one redis-server, half the "
+            "clients on each; node 1 publishes the burst with `broadcast_to_all`, node 2 gets "
+            f"it through Redis. Both nodes and redis-server share CPU {SERVER_CPU} (the load "
+            f"is on CPU {LOAD_CPU}): the same one core as the single in-memory node, so this "
+            "is a conservative setup (two real nodes would have a core each). Its server CPU, "
+            "GC and peak RSS are both nodes' sums; redis CPU is redis-server's main thread.",
+        ]
     lines += [
         "",
         "Per run, in the order run (window: publish start to last delivery; publish call: time "
-        "inside the server's publish loop; GC runs: the server's collections per generation):",
+        "inside the server's publish loop; GC runs: the server's collections per generation; "
+        "two nodes: CPU and GC summed, RSS per node):",
         "",
         "| run | variant | deliveries/s | window s | publish call ms | p50 ms | p99 ms | lost "
-        "| out-of-order | dup | closed | server CPU | server GC | GC runs | RSS MB | load CPU "
-        "| softirq | other CPU | notes |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
+        "| out-of-order | dup | closed | server CPU | server GC | GC runs | RSS MB | redis CPU "
+        "| load CPU | softirq | other CPU | notes |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:"
+        "|---:|---|",
     ]
     for r in results:
+        rss = "+".join(f"{x:.1f}" for x in r.node_rss_mb)
         lines.append(
             f"| {r.run} | {r.variant} | {r.deliveries_per_s:,.0f} | {r.window_s:.3f} "
             f"| {r.call_ms:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.lost} | {r.out_of_order} "
             f"| {r.duplicates} | {r.closed} | {r.server_cpu:.0%} | {r.server_gc:.0%} "
-            f"| {'/'.join(map(str, r.gc_runs))} | {r.server_rss_mb:.1f} | {r.load_cpu:.0%} "
-            f"| {r.softirq_cpu:.0%} | {r.other_cpu:.0%} | {'; '.join(r.notes)} |"
+            f"| {'/'.join(map(str, r.gc_runs))} | {rss} | {percent(r.redis_cpu)} "
+            f"| {r.load_cpu:.0%} | {r.softirq_cpu:.0%} | {r.other_cpu:.0%} "
+            f"| {'; '.join(r.notes)} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def source_digest() -> str:
-    """A short hash of src/asgi_events/*.py, to tell which version of the package was measured."""
+    """A short hash of src/asgi_events/**/*.py (backends included), to tell which version of the
+    package was measured."""
     digest = hashlib.sha256()
-    for path in sorted(SRC_DIR.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(SRC_DIR.rglob("*.py")):
+        digest.update(path.relative_to(SRC_DIR).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -918,7 +1145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="before each run, wait up to this many seconds for the machine to be idle (0: don't)",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 20 sockets, 10 events, 1 run"
+        "--quick",
+        action="store_true",
+        help=f"smoke run: 20 sockets, 10 events, 1 run; not {REDIS_VARIANT} unless in --variants",
     )
     parser.add_argument(
         "--profile",
@@ -926,13 +1155,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cProfile the server from publish to last delivery; print the hot spots",
     )
     parser.add_argument(
-        "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help=argparse.SUPPRESS
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        help=f"variants to run (default: all; with --quick: {' '.join(QUICK_VARIANTS)})",
     )
     parser.add_argument(
         "--serve", nargs=3, metavar=("SERVER", "VARIANT", "FD"), help=argparse.SUPPRESS
     )
     parser.add_argument("--profile-to", help=argparse.SUPPRESS)
+    parser.add_argument("--redis-url", help=argparse.SUPPRESS)
+    parser.add_argument("--redis-prefix", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.variants is None:
+        args.variants = list(QUICK_VARIANTS if args.quick else VARIANTS)
+    args.variants = [v for v in VARIANTS if v in args.variants]  # interleaving order, once each
     defaults = QUICK if args.quick else FULL
     for name, default in zip(("sockets", "events", "payload", "runs"), defaults, strict=True):
         if getattr(args, name) is None:
@@ -944,7 +1181,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def cleanup_on_exit() -> Iterator[None]:
-    """Kill any server process left behind, also on SIGTERM/SIGINT."""
+    """Kill any server or redis-server process left behind, also on SIGTERM/SIGINT."""
 
     def on_signal(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
@@ -955,6 +1192,8 @@ def cleanup_on_exit() -> Iterator[None]:
     finally:
         for proc in list(ServerProcess.live):
             proc.close()
+        for redis in list(RedisProcess.live):
+            redis.close()
         signal.signal(signal.SIGTERM, previous)
 
 
@@ -962,16 +1201,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve:
         server, variant, fd = args.serve
-        serve_main(server, variant, int(fd), args.profile_to)
+        redis = (args.redis_url, args.redis_prefix) if args.redis_url else None
+        serve_main(server, variant, int(fd), args.profile_to, redis)
         return 0
 
     pinned = pin_to_cpu(LOAD_CPU)
     nofile = raise_nofile(args.sockets + 256)
+    redis_note = ""
+    if REDIS_VARIANT in args.variants:
+        redis_note = (
+            f"; {REDIS_VARIANT}: {REDIS_NODES} nodes and redis-server "
+            f"{redis_server_version()}, all on CPU {SERVER_CPU}"
+        )
     RESULTS_DIR.mkdir(exist_ok=True)
     # Quick and profiled runs do not overwrite the real results.
     suffix = ("-quick" if args.quick else "") + ("-profile" if args.profile else "")
     if not args.quick and (args.sockets, args.events, args.payload) != FULL[:3]:
         suffix += f"-n{args.sockets}-m{args.events}-p{args.payload}"
+    if not args.quick and args.variants != list(VARIANTS):
+        suffix += "-" + "+".join(args.variants)  # a subset: not the real results either
     digest = source_digest()
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = [
@@ -979,31 +1227,41 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`{' '.join([Path(sys.executable).name, 'benchmarks/fanout.py', *sys.argv[1:]])}` — "
         f"{started}, Python {sys.version.split()[0]}, asgi-events src {digest}, "
-        f"server on CPU {SERVER_CPU}, load on {pinned}, RLIMIT_NOFILE {nofile}"
+        f"server on CPU {SERVER_CPU}, load on {pinned}, RLIMIT_NOFILE {nofile}{redis_note}"
         + (", **server under cProfile**" if args.profile else "")
         + ".",
     ]
     print("\n".join(header), flush=True)
 
     results: list[RunResult] = []
-    profiles: dict[str, list[Path]] = {v: [] for v in args.variants}
+    # Profile label (the variant, or the variant and node) -> one pstats file per run.
+    profiles: dict[str, list[Path]] = {}
     with cleanup_on_exit():
         for run in range(1, args.runs + 1):
             for variant in args.variants:
-                profile = None
+                run_profiles = None
                 if args.profile:
-                    profile = RESULTS_DIR / f"profile-{args.server}-{variant}-{run}.pstats.tmp"
-                    profiles[variant].append(profile)
+                    labels = [variant]
+                    if variant == REDIS_VARIANT:
+                        labels = [f"{variant}-node{k}" for k in range(1, REDIS_NODES + 1)]
+                    run_profiles = []
+                    for label in labels:
+                        path = RESULTS_DIR / f"profile-{args.server}-{label}-{run}.pstats.tmp"
+                        profiles.setdefault(label, []).append(path)
+                        run_profiles.append(path)
                 busy = wait_for_quiet(args.quiet_wait)
-                result = asyncio.run(run_once(args.server, variant, run, args, profile))
+                result = asyncio.run(run_once(args.server, variant, run, args, run_profiles))
                 if busy > QUIET:
                     result.notes.append(f"machine busy before the run ({busy:.0%} of a core)")
                 results.append(result)
+                redis_cpu = ""
+                if result.redis_cpu is not None:
+                    redis_cpu = f"redis CPU {percent(result.redis_cpu)}  "
                 print(
-                    f"  run {run} {variant:<11} {result.deliveries_per_s:>11,.0f} deliveries/s  "
+                    f"  run {run} {variant:<17} {result.deliveries_per_s:>11,.0f} deliveries/s  "
                     f"p50 {result.p50_ms:7.1f} ms  p99 {result.p99_ms:7.1f} ms  "
                     f"lost {result.lost}  ooo {result.out_of_order}  "
-                    f"server CPU {result.server_cpu:.0%} (GC {result.server_gc:.0%})  "
+                    f"server CPU {result.server_cpu:.0%} (GC {result.server_gc:.0%})  {redis_cpu}"
                     f"load CPU {result.load_cpu:.0%}  "
                     f"softirq {result.softirq_cpu:.0%}  other CPU {result.other_cpu:.0%}  "
                     f"{' '.join(result.notes)}",
@@ -1019,11 +1277,11 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(report)
     print(f"written to {out.relative_to(BENCH_DIR.parent)}")
     if args.profile:
-        for variant, paths in profiles.items():
+        for label, paths in profiles.items():
             text = profile_summary(paths)
-            path = RESULTS_DIR / f"profile-{args.server}-{variant}.txt"
+            path = RESULTS_DIR / f"profile-{args.server}-{label}.txt"
             path.write_text(text)
-            print(f"\n## server profile, {variant} (top by tottime, then cumulative)\n")
+            print(f"\n## server profile, {label} (top by tottime, then cumulative)\n")
             print(text[:6000])
             print(f"(full: {path.relative_to(BENCH_DIR.parent)})")
             for p in paths:
