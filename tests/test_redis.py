@@ -153,12 +153,6 @@ async def test_transient_events_never_enter_a_stream(
         assert await client.xlen(backend._keys("alice")[0]) == 1
 
 
-# coredis (6.9) leaves the memory streams of a connection attempt that failed unclosed; only
-# this test makes attempts fail. The filter is for that warning alone.
-@pytest.mark.filterwarnings(
-    "ignore:Exception ignored in.*MemoryObject(Send|Receive)Stream.__del__"
-    ":pytest.PytestUnraisableExceptionWarning"
-)
 async def test_redis_lost_and_back(
     serve: ServeFn, connect: Connect, own_redis: RedisServer
 ) -> None:
