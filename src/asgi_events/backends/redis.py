@@ -19,7 +19,6 @@ import json
 import logging
 import random
 import secrets
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -261,8 +260,6 @@ class RedisBackend:
                         task_status.started()
                     async for message in pubsub:
                         await self._on_message(str(message["data"]))
-                        for data in _already_received(pubsub):
-                            await self._on_message(data)
             except Exception as exc:  # coredis wraps connection errors in exception groups
                 self._last_error = f"{type(exc).__name__}: {exc}"
             if self.healthy:  # (not when the hub stops: it cancels this task instead)
@@ -298,25 +295,6 @@ class RedisBackend:
             await self._deliver(user_id, durable_message(frame, key))
         else:
             await self._deliver(user_id, text_message(frame, TransientMessage))
-
-
-def _already_received(pubsub: Any) -> Iterator[str]:
-    """The messages the subscription has already received, taken without a checkpoint.
-
-    coredis' iterator checkpoints before every message, so a burst published elsewhere would
-    reach this node's sockets one event at a time: every socket's writer woken once per event.
-    Taken together, the burst is queued first and each writer sends it in one wake-up, as on a
-    node that published it itself. (This reads coredis' receive stream: with another version
-    that lacks it, messages simply go one at a time.)
-    """
-    stream = getattr(pubsub, "_receive_stream", None)
-    while stream is not None:
-        try:
-            message = stream.receive_nowait()
-        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-            return
-        if message and message.get("type") == "message":
-            yield str(message["data"])
 
 
 def _pairs(entries: Any) -> list[tuple[str, list[str]]]:
