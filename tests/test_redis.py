@@ -235,3 +235,41 @@ async def test_foreign_messages_on_the_channel_are_ignored(
         assert (await recv(ws))["payload"] == "still here"
         await assert_silent(ws)
     assert a.hub.stats()["backend"]["interruptions"] == 0
+
+
+async def test_events_trimmed_by_size_are_reported_lost(
+    serve: ServeFn, connect: Connect, redis_server: RedisServer
+) -> None:
+    (a,) = await nodes(serve, redis_server, n=1, buffer_size=3)
+    async with connect(a.ws_url(token="tok-alice")) as ws:
+        for n in range(10):
+            await a.hub.broadcast("alice", {"type": "T", "payload": n})
+        ids = [f["id"] for f in await recv_n(ws, 10)]
+    async with connect(a.ws_url(token="tok-alice", lastEventId=ids[0]), V1) as ws:
+        *replayed, ready = await recv_n(ws, 4)
+    assert [f["payload"] for f in replayed] == [7, 8, 9]
+    assert ready["payload"]["recovered"] is False and ready["payload"]["reason"] == "evicted"
+    assert ready["payload"]["oldest"] == ids[6]
+    async with connect(a.ws_url(token="tok-alice", lastEventId=ids[6]), V1) as ws:
+        *replayed, ready = await recv_n(ws, 4)
+    assert ready["payload"]["recovered"] is True
+
+
+async def test_a_user_idle_past_the_age_bound_resumes_exactly(
+    serve: ServeFn, connect: Connect, redis_server: RedisServer
+) -> None:
+    (a,) = await nodes(serve, redis_server, n=1)
+    async with connect(a.ws_url(token="tok-alice")) as ws:
+        for n in range(2):
+            await a.hub.broadcast("alice", {"type": "T", "payload": n})
+        first, second = await recv_n(ws, 2)
+    backend = a.hub._backend
+    assert isinstance(backend, RedisBackend)
+    async with coredis.Redis.from_url(redis_server.url, decode_responses=True) as client:
+        await client.delete([backend._keys("alice")[0]])  # what the stream's expiry does
+    async with connect(a.ws_url(token="tok-alice", lastEventId=second["id"]), V1) as ws:
+        ready = await recv(ws)
+    assert ready["payload"] == {"position": second["id"], "recovered": True, "replayed": 0}
+    async with connect(a.ws_url(token="tok-alice", lastEventId=first["id"]), V1) as ws:
+        ready = await recv(ws)
+    assert ready["payload"]["recovered"] is False and ready["payload"]["reason"] == "expired"

@@ -4,9 +4,10 @@ Keys, per user (one hash slot per user, so a Redis Cluster works):
 
 - ``<prefix>:{<user>}:events``: a stream of the user's buffered events, trimmed to the buffer's
   size (``MAXLEN``) and age (``MINID``), expiring ``max_age`` after the last event;
-- ``<prefix>:{<user>}:epoch``: the user's epoch, a random token that lives as long as the
-  stream: when Redis loses the data (a restart without persistence, a flush, expiry), the epoch
-  changes with it, so ids of the lost data set are recognised as foreign, never misread.
+- ``<prefix>:{<user>}:meta``: the user's epoch (a random token), newest id, and the newest id
+  trimmed away and why; it outlives the stream by ``meta_ttl``. When Redis loses the data (a
+  restart without persistence, a flush), the epoch changes with it, so ids of the lost data
+  set are recognised as foreign, never misread.
 
 One channel, ``<prefix>:events``, carries every event to every node. Appending an event to
 its stream and publishing it are one Lua script, so every node sees each user's events in
@@ -39,44 +40,92 @@ except ImportError as exc:  # pragma: no cover
 
 logger = logging.getLogger("asgi_events")
 
-_APPEND = """
-local epoch = redis.call('GET', KEYS[2]) or ARGV[8]
-redis.call('SET', KEYS[2], epoch, 'PX', ARGV[3])
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'b', ARGV[4], 't', ARGV[5])
-local now = redis.call('TIME')
-local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[2])
-if oldest > 0 then redis.call('XTRIM', KEYS[1], 'MINID', oldest) end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+# Shared by both scripts. A user's meta hash holds its epoch ("e"), its newest id ("l"), the
+# newest id trimmed away ("t") and why ("w": evicted by size, expired by age). Redis' own
+# max-deleted-entry-id does not count trimming, so the scripts keep "t" themselves; and the
+# meta hash outlives the stream, so a user idle past the age bound still resumes exactly.
+_LIB = """
+local function parts(id)
+  local ms, n = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(n)
+end
+local function newer(a, b)
+  local am, an = parts(a)
+  local bm, bn = parts(b)
+  return am > bm or (am == bm and an > bn)
+end
+local function meta(key, fresh_epoch)
+  local m = redis.call('HMGET', key, 'e', 'l', 't', 'w')
+  if not m[1] then
+    redis.call('HSET', key, 'e', fresh_epoch, 'l', '0-0', 't', '0-0', 'w', 'evicted')
+    return fresh_epoch, '0-0', '0-0', 'evicted'
+  end
+  return m[1], m[2], m[3], m[4]
+end
+local function trim(stream, size, max_age_ms, last, trimmed, why)
+  if redis.call('EXISTS', stream) == 0 then
+    if newer(last, trimmed) then return last, 'expired' end  -- it expired whole
+    return trimmed, why
+  end
+  local len = redis.call('XLEN', stream)
+  if size and len > size then
+    local cut = redis.call('XRANGE', stream, '-', '+', 'COUNT', len - size)
+    trimmed, why = cut[#cut][1], 'evicted'
+    redis.call('XTRIM', stream, 'MAXLEN', size)
+  end
+  local now = redis.call('TIME')
+  local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - max_age_ms
+  if oldest > 0 then
+    local old = redis.call('XREVRANGE', stream, '(' .. oldest .. '-0', '-', 'COUNT', 1)
+    if #old > 0 then
+      if newer(old[1][1], trimmed) then trimmed, why = old[1][1], 'expired' end
+      redis.call('XTRIM', stream, 'MINID', oldest)
+    end
+  end
+  return trimmed, why
+end
+"""
+
+# KEYS: stream, meta. ARGV: size, max_age_ms, meta_ttl_ms, body, timestamp, channel, header,
+# fresh epoch.
+_APPEND = (
+    _LIB
+    + """
+local epoch, last, trimmed, why = meta(KEYS[2], ARGV[8])
+if redis.call('EXISTS', KEYS[1]) == 0 and newer(last, trimmed) then
+  trimmed, why = last, 'expired'
+end
+local id = redis.call('XADD', KEYS[1], '*', 'b', ARGV[4], 't', ARGV[5])
+trimmed, why = trim(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), id, trimmed, why)
+redis.call('HSET', KEYS[2], 'l', id, 't', trimmed, 'w', why)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
 local frame = ARGV[4] .. ',"id":"' .. epoch .. '.' .. id .. '"}'
 redis.call('PUBLISH', ARGV[6], ARGV[7] .. '\\n' .. id .. '\\n' .. frame)
 return id
 """
+)
 
-_REPLAY = """
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  epoch = ARGV[5]
-  redis.call('SET', KEYS[2], epoch, 'PX', ARGV[4])
-end
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local last, deleted, entries = '0-0', '0-0', {}
+# KEYS: stream, meta. ARGV: mode (after, all, none), client epoch, after id, max_age_ms,
+# fresh epoch, meta_ttl_ms.
+_REPLAY = (
+    _LIB
+    + """
+local epoch, last, trimmed, why = meta(KEYS[2], ARGV[5])
+trimmed, why = trim(KEYS[1], nil, tonumber(ARGV[4]), last, trimmed, why)
+redis.call('HSET', KEYS[2], 't', trimmed, 'w', why)
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+local entries = {}
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  local oldest = now_ms - tonumber(ARGV[6])
-  if oldest > 0 then redis.call('XTRIM', KEYS[1], 'MINID', oldest) end
-  local info = redis.call('XINFO', 'STREAM', KEYS[1])
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then last = info[i + 1] end
-    if info[i] == 'max-deleted-entry-id' then deleted = info[i + 1] end
-  end
   if ARGV[1] == 'after' and ARGV[2] == epoch then
     entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[3], '+')
   elseif ARGV[1] ~= 'none' then
     entries = redis.call('XRANGE', KEYS[1], '-', '+')
   end
 end
-return {epoch, last, deleted, tostring(now_ms), entries}
+return {epoch, last, trimmed, why, entries}
 """
+)
 
 
 def _stream_key(text: str) -> tuple[int, int] | None:
@@ -98,6 +147,8 @@ class RedisBackend:
         ``BackendUnavailableError`` (a socket being replayed is closed with 1012).
     :param max_backoff: the longest wait, in seconds, between attempts to get the subscription
         back after Redis was lost.
+    :param meta_ttl: seconds a user's epoch and position outlive their last event (a user idle
+        longer resumes into a new epoch: ``recovered: false``, reason ``epoch``).
     """
 
     def __init__(
@@ -107,12 +158,14 @@ class RedisBackend:
         prefix: str = "asgi-events",
         timeout: float = 2.0,
         max_backoff: float = 5.0,
+        meta_ttl: float = 86_400.0,
     ) -> None:
         self.url = url
         self._prefix = prefix
         self._channel = f"{prefix}:events"
         self._timeout = timeout
         self._max_backoff = max_backoff
+        self._meta_ttl_ms = max(int(meta_ttl * 1000), 1)
         self._size = 200
         self._max_age_ms = 300_000
         self._deliver: Deliver | None = None
@@ -121,6 +174,8 @@ class RedisBackend:
         self._append: Any = None
         self._replay: Any = None
         self.healthy = False
+        self._subscription: anyio.CancelScope | None = None
+        self._unsubscribed: anyio.Event | None = None
         self._interruptions = 0
         self._last_error: str | None = None
 
@@ -133,20 +188,34 @@ class RedisBackend:
     async def start(self, task_group: TaskGroup) -> None:
         # The client lives in a task of the hub's group (its own task group nests there).
         # Returns once subscribed, or after the first failure (then it keeps trying).
+        self._subscription, self._unsubscribed = anyio.CancelScope(), anyio.Event()
         await task_group.start(self._run)
 
     async def stop(self) -> None:
-        self.healthy = False  # the hub then cancels its task group, which closes the client
+        # The subscription ends first, while the client can still unsubscribe; the hub then
+        # cancels its task group, which closes the client.
+        self.healthy = False
+        if self._subscription is not None and self._unsubscribed is not None:
+            self._subscription.cancel()
+            with anyio.move_on_after(self._timeout):
+                await self._unsubscribed.wait()
 
     async def _run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with coredis.Redis[str].from_url(self.url, decode_responses=True) as client:
-            self._client = client
-            self._append = client.register_script(_APPEND)
-            self._replay = client.register_script(_REPLAY)
-            try:
-                await self._subscribe(task_status)
-            finally:
-                self._client = None
+        try:
+            async with coredis.Redis[str].from_url(self.url, decode_responses=True) as client:
+                self._client = client
+                self._append = client.register_script(_APPEND)
+                self._replay = client.register_script(_REPLAY)
+                assert self._subscription is not None and self._unsubscribed is not None
+                try:
+                    with self._subscription:
+                        await self._subscribe(task_status)
+                    self._unsubscribed.set()
+                    await anyio.sleep_forever()
+                finally:
+                    self._client = None
+        except Exception as exc:  # closing a client whose Redis is gone: nothing left to do
+            logger.debug("the Redis client closed with %s", type(exc).__name__)
 
     async def publish(self, user_id: str, fields: dict[str, Any], transient: bool) -> None:
         header = json.dumps(user_id)
@@ -158,12 +227,12 @@ class RedisBackend:
         args = [
             self._size,
             self._max_age_ms,
-            self._max_age_ms,
+            self._meta_ttl_ms,
             body,
             fields["timestamp"] if isinstance(fields["timestamp"], str) else "",
             self._channel,
             header,
-            secrets.token_hex(4),
+            secrets.token_hex(8),
         ]
         await self._call(self._script, self._append, keys, args)
 
@@ -180,20 +249,18 @@ class RedisBackend:
             since = codec.parse_timestamp(handshake.last_event_ts)
             mode = "all" if since is not None else "bad"
         args: list[str | int] = [mode if mode != "bad" else "none", client_epoch, after]
-        args += [self._max_age_ms, secrets.token_hex(4), self._max_age_ms]
+        args += [self._max_age_ms, secrets.token_hex(8), self._meta_ttl_ms]
         reply = await self._call(self._script, self._replay, self._keys(user_id), args)
-        epoch, last, deleted, now_ms, entries = reply
+        epoch, last, trimmed, why, entries = reply
         last_key = _stream_key(last) or (0, 0)
-        deleted_key = _stream_key(deleted) or (0, 0)
-        position, oldest = f"{epoch}.{last}", f"{epoch}.{deleted}"
+        trimmed_key = _stream_key(trimmed) or (0, 0)
+        reason: GapReason = "expired" if why == "expired" else "evicted"
+        position, oldest = f"{epoch}.{last}", f"{epoch}.{trimmed}"
         frames = [
             f'{entry[1][1]},"id":"{epoch}.{entry[0]}"}}'
             for entry in _pairs(entries)
             if since is None or _after(entry[1][3], since)
         ]
-        why: GapReason = (
-            "expired" if deleted_key[0] <= int(now_ms) - self._max_age_ms else "evicted"
-        )
         if mode == "bad":
             return Replay([], position, last_key, False, "unknown", oldest)
         if mode == "after":
@@ -202,11 +269,11 @@ class RedisBackend:
                 return Replay(frames, position, last_key, False, "epoch", oldest)
             if after_key > last_key:
                 return Replay([], position, last_key, False, "unknown", oldest)
-            if after_key < deleted_key:
-                return Replay(frames, position, last_key, False, why, oldest)
-        if since is not None and deleted_key > (0, 0):
-            if deleted_key[0] > since.timestamp() * 1000:
-                return Replay(frames, position, last_key, False, why, oldest)
+            if after_key < trimmed_key:
+                return Replay(frames, position, last_key, False, reason, oldest)
+        # By time: a trimmed event's stream id carries when it was added (Redis' clock).
+        if since is not None and trimmed_key[0] > since.timestamp() * 1000:
+            return Replay(frames, position, last_key, False, reason, oldest)
         return Replay(frames, position, last_key)
 
     async def clear(self) -> None:
@@ -226,7 +293,7 @@ class RedisBackend:
 
     def _keys(self, user_id: str) -> list[str]:
         tag = f"{self._prefix}:{{{user_id}}}"
-        return [f"{tag}:events", f"{tag}:epoch"]
+        return [f"{tag}:events", f"{tag}:meta"]
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         try:
