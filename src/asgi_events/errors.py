@@ -12,4 +12,8 @@ class InvalidEventError(AsgiEventsError, ValueError):
 
 
 class BackendUnavailableError(AsgiEventsError, ConnectionError):
-    """The backend (e.g. Redis) could not be reached in time; the event was not published."""
+    """The backend (e.g. Redis) did not confirm the event in time.
+
+    It may still have been published (a timeout can cut the reply, not the work): retrying
+    delivers it again, with a new id.
+    """

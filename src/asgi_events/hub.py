@@ -121,7 +121,9 @@ class EventHub:
         """Send ``event`` to every socket of ``user_id`` and buffer it for replay.
 
         Transient types are not buffered. A user with no socket is no error: the event is still
-        buffered. Never waits for a socket; returns once the event is queued everywhere.
+        buffered. Never waits for a socket: with the memory backend it returns once the event
+        is queued for every socket; with Redis, once Redis has it (sockets on every node,
+        this one included, get it through the subscription).
 
         :raises InvalidEventError: ``event`` is not a mapping with a string ``type``, or not JSON.
         :raises BackendUnavailableError: the backend could not take it.
