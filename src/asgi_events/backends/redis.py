@@ -330,9 +330,10 @@ class RedisBackend:
                     async for message in pubsub:
                         await self._on_message(str(message["data"]))
             except Exception as exc:  # coredis wraps connection errors in exception groups
-                while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-                    exc = exc.exceptions[0]
-                self._last_error = f"{type(exc).__name__}: {exc}"
+                cause: BaseException = exc
+                while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+                    cause = cause.exceptions[0]
+                self._last_error = f"{type(cause).__name__}: {cause}"
             if self.healthy:  # (not when the hub stops: it cancels this task instead)
                 self.healthy = False
                 self._interruptions += 1
