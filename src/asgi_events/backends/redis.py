@@ -216,8 +216,11 @@ class RedisBackend:
             errors, rest = exc.split(Exception)
             if errors is not None:
                 logger.debug("the Redis client closed with %s", errors.exceptions)
-            if rest is not None:
-                raise rest from None
+            if rest is not None:  # only the cancellation is left: raise it bare, as it came
+                cancelled: BaseException = rest
+                while isinstance(cancelled, BaseExceptionGroup):
+                    cancelled = cancelled.exceptions[0]
+                raise cancelled from None
 
     async def publish(self, user_id: str, fields: dict[str, Any], transient: bool) -> None:
         header = json.dumps(user_id)
