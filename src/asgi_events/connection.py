@@ -107,7 +107,6 @@ async def serve(
     handshake = parse_handshake(scope)
     if allowed_origins is not None and handshake.origin is not None:
         if normalize_origin(handshake.origin) not in allowed_origins:
-            hub._counters.origin_refusals += 1
             hub._counters.count(hub._counters.refusals, "origin")
             await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
             return
@@ -184,8 +183,6 @@ async def _authenticate(hub: EventHub, handshake: Handshake) -> tuple[Principal 
         principal, refusal = None, BACKEND_DOWN
     if principal is None:
         hub._counters.count(hub._counters.refusals, refusal.kind)
-        if refusal not in (SHUTTING_DOWN, BACKEND_DOWN):
-            hub._counters.auth_failures += 1
     return principal, refusal
 
 

@@ -18,8 +18,6 @@ class Counters:
     messages_received: int = 0
     malformed_messages: int = 0
     hook_errors: int = 0
-    auth_failures: int = 0
-    origin_refusals: int = 0
     rate_limited: int = 0
     oversized_messages: int = 0
     idle_closes: int = 0
@@ -36,7 +34,12 @@ class Counters:
         table[key] = table.get(key, 0) + 1
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        counts = asdict(self)
+        # Derived from the refusals by kind, so that nothing is counted twice.
+        not_auth = ("origin", "shutdown", "backend")
+        counts["auth_failures"] = sum(n for k, n in self.refusals.items() if k not in not_auth)
+        counts["origin_refusals"] = self.refusals.get("origin", 0)
+        return counts
 
 
 class Histogram:
