@@ -1,8 +1,13 @@
-"""The delivery hot path in process: queue policy, the writer, and the send slots."""
+"""The delivery hot path in process: queue policy, the writers, and the senders."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
 import anyio
+import anyio.lowlevel
 import pytest
 
 from asgi_events.delivery import (
@@ -11,7 +16,7 @@ from asgi_events.delivery import (
     OK,
     DurableMessage,
     Outbox,
-    SendSlots,
+    Senders,
     TransientMessage,
     text_message,
 )
@@ -75,61 +80,186 @@ def test_a_closed_outbox_drops_everything() -> None:
     assert box.push(plain(2)) == OK and texts(box) == []
 
 
-async def test_the_writer_sends_all_then_the_close() -> None:
+async def test_a_writer_of_its_own_sends_all_then_the_close() -> None:
     counters = Counters()
-    box = Outbox(limit=100, durable_limit=100, counters=counters)
     sent: list[Message] = []
+    done: list[Exception | None] = []
 
     async def send(message: Message) -> None:
         sent.append(message)
         if len(sent) == 3:
             box.close(1000, "done")
 
+    box = Outbox(100, 100, counters, send, done.append)
     for n in range(5):
         box.push(durable(n))
+    box.start(None)
     with anyio.fail_after(5):
-        await box.run(send, SendSlots(1, 1.0))
+        await box.run()
     assert [m.get("text") for m in sent] == ["0", "1", "2", None]
     assert sent[-1] == {"type": "websocket.close", "code": 1000, "reason": "done"}
     assert counters.messages_sent == 3 and box._durable == 0
+    assert done == [None] and box.finished
 
 
-async def test_a_stalled_holder_loses_its_slot_to_a_waiter() -> None:
-    slots = SendSlots(1, stall_timeout=0.05)
-    stuck = Outbox(limit=10, durable_limit=10, counters=Counters())
-    other = Outbox(limit=10, durable_limit=10, counters=Counters())
-    await slots.acquire(stuck)  # and never sends
-    with anyio.fail_after(5):
-        await slots.acquire(other)
-    assert stuck.stalled
-    slots.release(stuck)  # a revoked slot is not released twice
-    slots.release(other)
-    assert slots._free == 1
-
-
-async def test_a_cancelled_waiter_never_keeps_a_slot() -> None:
-    slots = SendSlots(1, stall_timeout=10)
-    a, b, c = (Outbox(limit=10, durable_limit=10, counters=Counters()) for _ in range(3))
-
-    async def writer(box: Outbox) -> None:  # the pattern of Outbox.run
-        await slots.acquire(box)
-        try:
-            await anyio.sleep_forever()
-        finally:
-            slots.release(box)
-
-    await slots.acquire(a)
+@asynccontextmanager
+async def running(senders: Senders) -> AsyncIterator[Senders]:
     async with anyio.create_task_group() as tg:
-        tg.start_soon(writer, b)
+        await tg.start(senders.run)
+        yield senders
+        tg.cancel_scope.cancel()
+
+
+class Socket:
+    """A fake socket: records what is sent; a send suspends (like trio's) unless told not to."""
+
+    def __init__(self, suspend: bool = True) -> None:
+        self.sent: list[str] = []
+        self.suspend = suspend
+        self.gate: anyio.Event | None = None  # while set to an unset event, sends block
+        self.got = anyio.Event()
+        self.errors: list[Exception | None] = []
+        self.outbox = Outbox(1000, 1000, Counters(), self.send, self.errors.append)
+
+    async def send(self, message: Message) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        elif self.suspend:
+            await anyio.lowlevel.checkpoint()
+        self.sent.append(message.get("text") or f"close {message.get('code')}")
+        self.got.set()
+
+    async def wait_for(self, count: int) -> None:
+        with anyio.fail_after(5):
+            while len(self.sent) < count:
+                self.got = anyio.Event()
+                await self.got.wait()
+
+
+async def test_nothing_is_sent_before_start() -> None:
+    sock = Socket()
+    async with running(Senders(2, 1.0)) as senders:
+        sock.outbox.push(plain(1))
         await anyio.wait_all_tasks_blocked()
-        slots.release(a)  # granted to b ...
-        tg.cancel_scope.cancel()  # ... which is cancelled before or after it wakes
-    with anyio.fail_after(5):
-        await slots.acquire(c)
-    assert list(slots._holders) == [c] and not slots._waiters
+        assert sock.sent == []
+        sock.outbox.start(senders)
+        await sock.wait_for(1)
+    assert sock.sent == ["1"]
+
+
+async def test_senders_deliver_every_socket_in_order_at_most_size_at_once() -> None:
+    in_flight = peak = 0
+
+    def counting(sock: Socket) -> Callable[[Message], object]:
+        async def send(message: Message) -> None:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                await Socket.send(sock, message)
+            finally:
+                in_flight -= 1
+
+        return send
+
+    sockets = [Socket() for _ in range(6)]
+    async with running(Senders(2, 1.0)) as senders:
+        for sock in sockets:
+            sock.outbox._send = counting(sock)  # type: ignore[assignment]
+            sock.outbox.start(senders)
+        for n in range(100):  # more than a turn per socket
+            for sock in sockets:
+                sock.outbox.push(plain(n))
+        for sock in sockets:
+            await sock.wait_for(100)
+    assert all(sock.sent == [str(n) for n in range(100)] for sock in sockets)
+    assert peak == 2
+
+
+async def test_a_stalled_socket_gets_its_own_writer_and_the_others_go_on() -> None:
+    stuck, other = Socket(), Socket()
+    stuck.gate = anyio.Event()
+    async with running(Senders(1, stall_timeout=0.05)) as senders:
+        for sock in (stuck, other):
+            sock.outbox.start(senders)
+        stuck.outbox.push(plain(1))  # the only sender blocks in this send
+        await anyio.wait_all_tasks_blocked()
+        other.outbox.push(plain(2))
+        await other.wait_for(1)  # sent by the sender that replaced the stalled one
+        assert stuck.outbox.stalled and senders.retired == 1
+        stuck.gate.set()
+        stuck.gate = None
+        await stuck.wait_for(1)
+        stuck.outbox.push(plain(3))  # its own writer now: the retired sender
+        other.outbox.push(plain(4))
+        await stuck.wait_for(2)
+        await other.wait_for(2)
+        assert senders.retired == 1
+    assert stuck.sent == ["1", "3"] and other.sent == ["2", "4"]
+
+
+async def test_a_sender_lets_other_tasks_run_when_sends_never_suspend() -> None:
+    sockets = [Socket(suspend=False) for _ in range(40)]
+    for sock in sockets:
+        sock.send = slow(sock.send)  # type: ignore[method-assign]
+        sock.outbox._send = sock.send
+    seen: list[int] = []
+    async with running(Senders(1, 10.0)) as senders:
+        for sock in sockets:
+            sock.outbox.start(senders)
+            sock.outbox.push(plain(0))
+        await anyio.lowlevel.checkpoint()  # a task that wants to run while they are sent
+        seen.append(sum(len(sock.sent) for sock in sockets))
+        await sockets[-1].wait_for(1)
+    assert 0 < seen[0] < len(sockets)
+
+
+def slow(send: Callable[[Message], object]) -> Callable[[Message], object]:
+    async def blocking_send(message: Message) -> None:
+        busy_until = time.perf_counter() + 0.001  # a send that takes a while, never suspending
+        while time.perf_counter() < busy_until:
+            pass
+        await send(message)  # type: ignore[misc]
+
+    return blocking_send
+
+
+async def test_a_failing_send_drops_only_its_socket() -> None:
+    gone, broken, fine = Socket(), Socket(), Socket()
+
+    async def reset(message: Message) -> None:
+        raise ConnectionResetError
+
+    async def bug(message: Message) -> None:
+        raise RuntimeError("server bug")
+
+    gone.outbox._send, broken.outbox._send = reset, bug
+    async with running(Senders(1, 1.0)) as senders:
+        for sock in (gone, broken, fine):
+            sock.outbox.start(senders)
+            sock.outbox.push(plain(1))
+        await fine.wait_for(1)
+        fine.outbox.push(plain(2))
+        await fine.wait_for(2)
+    assert gone.errors == [None] and gone.outbox.finished
+    assert [type(e) for e in broken.errors] == [RuntimeError] and broken.outbox.finished
+    assert gone.outbox.push(plain(3)) == OK and not gone.outbox._queue  # dropped from now on
+    assert fine.sent == ["1", "2"] and fine.errors == []
+
+
+async def test_a_close_frame_ends_the_socket_once() -> None:
+    sock = Socket()
+    async with running(Senders(1, 1.0)) as senders:
+        sock.outbox.start(senders)
+        sock.outbox.push(plain(1))
+        sock.outbox.close(1013, "Slow consumer")  # the queued message is dropped
+        sock.outbox.push(plain(2))
+        await sock.wait_for(1)
+        await anyio.wait_all_tasks_blocked()
+    assert sock.sent == ["close 1013"] and sock.errors == [None]
 
 
 @pytest.mark.parametrize("size", [0, -1])
-def test_send_slots_need_one(size: int) -> None:
+def test_senders_need_one(size: int) -> None:
     with pytest.raises(ValueError):
-        SendSlots(size, 1.0)
+        Senders(size, 1.0)

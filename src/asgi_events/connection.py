@@ -66,13 +66,12 @@ _NEXT: dict[State, frozenset[State]] = {
 class Connection:
     """One socket of one user: its state, its outbox, and a way to cancel it."""
 
-    def __init__(
-        self, principal: Principal, outbox: Outbox, handshake: Handshake, counters: Counters
-    ) -> None:
+    outbox: Outbox
+
+    def __init__(self, principal: Principal, handshake: Handshake, counters: Counters) -> None:
         self.user_id = principal.user_id
         self.counters = counters
         self.expires_at = principal.expires_at
-        self.outbox = outbox
         self.handshake = handshake
         self.state = State.CONNECTING
         self.cancel_scope = anyio.CancelScope()
@@ -116,9 +115,15 @@ async def serve(
         return
 
     settings = hub._settings
-    outbox = Outbox(settings.send_queue_size, settings.durable_limit, hub._counters)
+    conn = Connection(principal, handshake, hub._counters)
+    conn.outbox = outbox = Outbox(
+        settings.send_queue_size,
+        settings.durable_limit,
+        hub._counters,
+        send,
+        lambda error: _sent_all(conn, hub, error),
+    )
     outbox.batch = handshake.subprotocol == BATCH_SUBPROTOCOL
-    conn = Connection(principal, outbox, handshake, hub._counters)
     try:
         with conn.cancel_scope:
             # Join before accepting: a client that sees the handshake complete misses nothing.
@@ -129,15 +134,21 @@ async def serve(
             await send(_accept(handshake))
             if conn.state is State.CONNECTING:  # (not closed by a shutdown meanwhile)
                 conn.to(State.OPEN)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_write, conn, send, hub)
-                if conn.expires_at is not None:
-                    tg.start_soon(_expire, conn, conn.expires_at)
+            senders = hub._senders
+            outbox.start(senders)
+            if senders is None or conn.expires_at is not None:
+                async with anyio.create_task_group() as tg:
+                    if senders is None:  # the hub is not running: a writer of its own
+                        tg.start_soon(outbox.run)
+                    if conn.expires_at is not None:
+                        tg.start_soon(_expire, conn, conn.expires_at)
+                    await _read(conn, receive, hub)
+                    tg.cancel_scope.cancel()
+            else:  # (no task group: an idle socket costs as little as it can)
                 await _read(conn, receive, hub)
-                hub._detach(conn)  # the peer is gone: no more pushes
-                tg.cancel_scope.cancel()
     except anyio.get_cancelled_exc_class():
         # Cancelled from outside (the server stops): say goodbye, within a bound.
+        outbox.abandon()
         if conn.state is State.OPEN:
             with anyio.CancelScope(shield=True) as farewell:
                 farewell.deadline = anyio.current_time() + 1.0
@@ -147,6 +158,7 @@ async def serve(
                     pass
         raise
     finally:
+        outbox.abandon()  # the peer is gone: no more sends, no more pushes
         conn.to(State.CLOSED)
         hub._detach(conn)
 
@@ -211,11 +223,14 @@ async def _refuse(
     hub._counters.count(hub._counters.closes, refusal.code)
 
 
-async def _write(conn: Connection, send: Send, hub: EventHub) -> None:
-    await conn.outbox.run(send, hub._slots)
-    # The close frame is out: the socket no longer counts as open. The reader waits (within
-    # the close deadline) for the peer's answer: closing TCP first could reset unread data.
+def _sent_all(conn: Connection, hub: EventHub, error: Exception | None) -> None:
+    # The close frame is out (or the peer is gone): the socket no longer counts as open. The
+    # reader waits (within the close deadline) for the peer's answer: closing TCP first could
+    # reset unread data.
     hub._detach(conn)
+    if error is not None:
+        logger.error("send raised %s: the socket is dropped", type(error).__name__)
+        conn.cancel_scope.cancel()
 
 
 async def _expire(conn: Connection, expires_at: float) -> None:

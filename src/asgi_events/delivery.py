@@ -1,36 +1,45 @@
-"""The fan-out hot path: one bounded outbox and one writer per socket, and the send slots.
+"""The fan-out hot path: a bounded outbox per socket, and a few sender tasks that drain them.
 
 ``Outbox.push`` is all that ``broadcast`` does per socket: append a pre-built ASGI message to a
-deque (no await, no JSON, no task switch) and wake the writer only if it sleeps. The writer
-sends everything queued per wake-up, so a burst costs one wake-up per socket, not one per
-message.
+deque (no await, no JSON, no task switch) and, if the socket had nothing queued, put it on the
+senders' ready queue. A handful of sender tasks (``Senders``) take sockets off that queue and
+await their ``send`` in turn, as a plain loop over the sockets would: when the server's send
+does not suspend (hypercorn's and uvicorn's asyncio workers, unless a socket's buffer is full),
+an event reaches a thousand sockets with a few task switches, not a thousand. An idle socket
+costs no task at all.
 
 The message's class says what it may cost a client: a ``DurableMessage`` is buffered for replay
 (a client closed for falling behind gets it back by id), a ``TransientMessage`` is shed first
 when its queue is under pressure, and a plain ``dict`` (``broadcast_to_all``) is neither.
 
-``SendSlots`` lets only a few writers send at once. On trio a send suspends at every message, so
-without it a burst leaves every writer suspended mid-send at once, and the garbage collector
-walks all their frames again and again. A writer whose send makes no progress for
-``stall_timeout`` gives its slot up and sends outside the limit from then on, so a few stalled
-clients can never hold every slot.
+A sender whose send makes no progress for ``stall_timeout`` (a client that stopped reading) is
+retired: it stays with that socket as its own writer from then on, and a new sender takes its
+place, so stalled clients can never hold up the others. Without a running hub (a server with no
+lifespan) every socket has its own writer, ``Outbox.run``.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from collections.abc import Callable
+from time import perf_counter
 from typing import Any
 
 import anyio
+import anyio.abc
+import anyio.lowlevel
 
 from .stats import Counters
 from .types import Message, Send
 
 BATCH_BYTES = 64 * 1024  # a batch frame stops growing past this many characters
+TURN = 32  # messages a sender sends to one socket before it moves on to the next ready one
+SLICE = 0.005  # seconds a sender may keep the event loop before it lets other tasks run
 
 # What Outbox.push reports.
 OK = 0
-BUSY = 1  # the queue is past its high-water mark: the publisher should let writers run
+BUSY = 1  # the queue is past its high-water mark: the publisher should let senders run
 FULL = 2  # the socket cannot keep up: close it (1013); nothing was queued
 
 
@@ -63,12 +72,19 @@ def close_message(code: int, reason: str) -> Message:
     return {"type": "websocket.close", "code": code, "reason": reason}
 
 
+def _nothing(error: Exception | None) -> None:
+    pass
+
+
 class Outbox:
-    """One socket's bounded queue of outgoing ASGI messages and the loop that sends them.
+    """One socket's bounded queue of outgoing ASGI messages.
 
     :param limit: messages queued at most; past half of it, transient ones are shed.
     :param durable_limit: buffered events queued at most. Keep it below the replay buffer's
         size, so that a socket closed for falling behind can still resume without a gap.
+    :param send: the socket's ASGI ``send``.
+    :param on_done: called once nothing more will be sent: with None once the close frame is
+        out or the peer is gone, with the exception if ``send`` raised anything else.
     """
 
     __slots__ = (
@@ -80,15 +96,27 @@ class Outbox:
         "_held",
         "_high",
         "_limit",
+        "_on_done",
         "_preloaded",
         "_queue",
+        "_scheduled",
+        "_send",
+        "_senders",
         "_wake",
         "batch",
+        "finished",
         "sent",
         "stalled",
     )
 
-    def __init__(self, limit: int, durable_limit: int, counters: Counters) -> None:
+    def __init__(
+        self,
+        limit: int,
+        durable_limit: int,
+        counters: Counters,
+        send: Send | None = None,
+        on_done: Callable[[Exception | None], None] = _nothing,
+    ) -> None:
         self._queue: deque[Message] = deque()
         self._limit = limit
         self._high = max(limit // 2, 1)
@@ -98,10 +126,17 @@ class Outbox:
         self._held: list[Message] | None = None  # live messages while a replay is read
         self._floor: Any = None  # the replay's key: live messages up to it are in the replay
         self._counters = counters
-        self._wake: anyio.Event | None = None
+        self._send = send
+        self._on_done = on_done
+        self._senders: Senders | None = None
+        # True while a sender has this socket on its ready queue or is sending for it (pushes
+        # then only append), and until start(): nothing is sent before the handshake is.
+        self._scheduled = True
+        self._wake: anyio.Event | None = None  # its own writer's, while it waits
         self._close: Message | None = None
         self.sent = 0
-        self.stalled = False  # lost its send slot once: sends outside the limit
+        self.finished = False  # nothing more will be sent
+        self.stalled = False  # its sender was retired for it: it has a writer of its own
         self.batch = False  # asgi-events.v1.batch: everything queued goes out in one frame
 
     def push(self, message: Message) -> int:
@@ -128,9 +163,8 @@ class Outbox:
             if self._durable * 2 > self._durable_limit:
                 status = BUSY  # half way to the durable bound: the publisher should yield too
         self._queue.append(message)  # (_relieve may have replaced the queue)
-        if self._wake is not None:
-            self._wake.set()
-            self._wake = None
+        if not self._scheduled:
+            self._schedule()
         return status
 
     @property
@@ -181,46 +215,76 @@ class Outbox:
             self._close = close_message(code, reason)
             self._queue.clear()
             self._durable = 0
-            if self._wake is not None:
-                self._wake.set()
-                self._wake = None
+            if not self._scheduled:
+                self._schedule()
 
-    async def run(self, send: Send, slots: SendSlots) -> None:
-        """Send until closed; returns once the close frame is sent or the peer is gone."""
-        try:
-            while True:
-                if not self._queue and self._close is None:
-                    self._wake = wake = anyio.Event()
-                    await wake.wait()
-                if self._queue:
-                    if self.stalled:
-                        await self._drain(send)
-                    else:
-                        await slots.acquire(self)
-                        try:
-                            await self._drain(send)
-                        finally:
-                            slots.release(self)
-                if self._close is not None and not self._queue:
-                    await send(self._close)
-                    return
-        except OSError:  # some servers raise once the peer is gone; the reader sees that too
-            self.close(1006, "")  # nothing more is sent; later pushes are dropped
+    def start(self, senders: Senders | None) -> None:
+        """The handshake is sent: from now on ``senders`` send what is queued, or, if None,
+        the writer that runs ``run``."""
+        if self.finished:
+            return
+        self._senders = senders
+        self._scheduled = False
+        if self._queue or self._close is not None:
+            self._schedule()
 
-    async def _drain(self, send: Send) -> None:
+    def abandon(self, error: Exception | None = None) -> None:
+        """The peer is gone (or ``send`` raised ``error``): send nothing more, drop what is
+        queued and what comes."""
+        if self._close is None:
+            self._close = close_message(1006, "")
+        self._queue.clear()
+        self._durable = 0
+        self._done(error)
+
+    def _schedule(self) -> None:
+        self._scheduled = True
+        if self._senders is not None and not self.stalled:
+            self._senders.ready(self)
+        elif self._wake is not None:
+            self._wake.set()
+            self._wake = None
+
+    def _done(self, error: Exception | None) -> None:
+        if not self.finished:
+            self.finished = self._scheduled = True  # (never scheduled again)
+            self._on_done(error)
+
+    async def run(self) -> None:
+        """Send until finished, as this socket's own writer."""
+        while not self.finished:
+            if not self._scheduled:
+                self._wake = wake = anyio.Event()
+                await wake.wait()
+            await self.drain(math.inf)
+
+    async def drain(self, turn: float) -> None:
+        """Send up to ``turn`` queued messages, then the close frame if it is due. Leaves the
+        outbox scheduled (its sender comes back) if more is queued."""
+        assert self._send is not None, "an outbox needs its socket's send"
         start = self.sent
         try:
-            while self._queue:  # (close() may replace or clear it while a send is in flight)
+            # (close() may replace or clear the queue while a send is in flight)
+            while self._queue and self.sent - start < turn:
                 if self.batch:
-                    await self._send_batch(send)
+                    await self._send_batch(self._send)
                     continue
                 message = self._queue.popleft()
                 if type(message) is DurableMessage:
                     self._durable -= 1
-                await send(message)
+                await self._send(message)
                 self.sent += 1
+            if self._close is not None and not self._queue and not self.finished:
+                await self._send(self._close)
+                self._done(None)
+        except OSError:  # some servers raise once the peer is gone; the reader sees that too
+            self.abandon()
+        except Exception as exc:
+            self.abandon(exc)
         finally:
             self._counters.messages_sent += self.sent - start
+        if not self._queue and not self.finished:
+            self._scheduled = False
 
     async def _send_batch(self, send: Send) -> None:
         """Send what is queued (up to ``BATCH_BYTES``) as one JSON array; never waits for more."""
@@ -244,54 +308,91 @@ class Outbox:
         self.sent += len(texts)
 
 
-class SendSlots:
-    """At most ``size`` writers send at once; a stalled one loses its slot to a waiting writer."""
+class _Sender:
+    __slots__ = ("outbox", "retired", "seen", "since")
+
+    def __init__(self) -> None:
+        self.outbox: Outbox | None = None  # the socket it is sending for
+        self.retired = False
+        self.seen: tuple[Outbox | None, int] = (None, 0)  # the watchdog's last look
+        self.since = 0.0  # when that look last changed
+
+
+class Senders:
+    """``size`` tasks that send for every socket; a stalled one is replaced (see the module).
+
+    :param size: how many sockets may be mid-send at once (besides stalled ones).
+    :param stall_timeout: seconds a send may make no progress before its sender is retired.
+    """
 
     def __init__(self, size: int, stall_timeout: float) -> None:
         if size < 1:
             raise ValueError("send slots must be at least 1")
-        self._free = size
+        self._size = size
         self._stall_timeout = stall_timeout
-        # holder -> (its sent count, when that count was last seen to change)
-        self._holders: dict[Outbox, tuple[int, float]] = {}
-        self._waiters: deque[anyio.Event] = deque()
+        self._ready: deque[Outbox] = deque()
+        self._idle: deque[anyio.Event] = deque()  # the waiting senders' wake-ups
+        self._senders: set[_Sender] = set()
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self.retired = 0
 
-    async def acquire(self, holder: Outbox) -> None:
-        if self._free and not self._waiters:
-            self._free -= 1
-        else:
-            granted = anyio.Event()
-            self._waiters.append(granted)
-            try:
-                while not granted.is_set():
-                    with anyio.move_on_after(self._stall_timeout):
-                        await granted.wait()
-                    if not granted.is_set():
-                        self._revoke_stalled()
-            except BaseException:
-                if granted.is_set():
-                    self._hand_over()
-                else:
-                    self._waiters.remove(granted)
-                raise
-        self._holders[holder] = (holder.sent, anyio.current_time())
+    def ready(self, outbox: Outbox) -> None:
+        """``outbox`` has something to send: a sender will come to it."""
+        self._ready.append(outbox)
+        if self._idle:
+            self._idle.popleft().set()
 
-    def release(self, holder: Outbox) -> None:
-        if self._holders.pop(holder, None) is not None:
-            self._hand_over()
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the senders and their watchdog until cancelled."""
+        async with anyio.create_task_group() as tg:
+            self._task_group = tg
+            for _ in range(self._size):
+                self._add()
+            task_status.started()
+            while True:
+                await anyio.sleep(self._stall_timeout / 2)
+                self._retire_stalled()
 
-    def _hand_over(self) -> None:
-        if self._waiters:
-            self._waiters.popleft().set()
-        else:
-            self._free += 1
+    def _add(self) -> None:
+        assert self._task_group is not None
+        sender = _Sender()
+        self._senders.add(sender)
+        self._task_group.start_soon(self._work, sender)
 
-    def _revoke_stalled(self) -> None:
+    async def _work(self, sender: _Sender) -> None:
+        ready, idle = self._ready, self._idle
+        deadline = perf_counter() + SLICE
+        while True:
+            while not ready:
+                wake = anyio.Event()
+                idle.append(wake)
+                await wake.wait()
+                deadline = perf_counter() + SLICE
+            if perf_counter() >= deadline:
+                # Sends that never suspend would keep every other task from running.
+                await anyio.lowlevel.checkpoint()
+                deadline = perf_counter() + SLICE
+                continue
+            sender.outbox = outbox = ready.popleft()
+            await outbox.drain(TURN)
+            sender.outbox = None
+            if sender.retired:  # it stays with the stalled socket, as its writer
+                await outbox.run()
+                return
+            if outbox._scheduled and not outbox.finished:
+                ready.append(outbox)  # more queued: back in line
+
+    def _retire_stalled(self) -> None:
         now = anyio.current_time()
-        for holder, (sent, since) in list(self._holders.items()):
-            if holder.sent != sent:
-                self._holders[holder] = (holder.sent, now)
-            elif now - since >= self._stall_timeout:
-                del self._holders[holder]
-                holder.stalled = True
-                self._hand_over()
+        for sender in list(self._senders):
+            box = sender.outbox
+            seen = (box, box.sent if box is not None else 0)
+            if box is None or seen != sender.seen:
+                sender.seen, sender.since = seen, now
+            elif now - sender.since >= self._stall_timeout:
+                sender.retired = box.stalled = True
+                self._senders.discard(sender)
+                self.retired += 1
+                self._add()

@@ -14,7 +14,7 @@ from . import codec
 from .backends.base import Backend, Replay
 from .backends.memory import MemoryBackend
 from .connection import Connection
-from .delivery import FULL, Outbox, SendSlots, text_message
+from .delivery import FULL, Outbox, Senders, text_message
 from .limits import Refusal, Settings
 from .registry import Registry
 from .stats import Counters, Histogram
@@ -57,9 +57,10 @@ class EventHub:
         supports the ``websocket.http.response`` extension, else 403.
     :param shutdown_timeout: seconds ``shutdown()`` waits for sockets to close before it
         cancels them.
-    :param send_slots: how many sockets may be mid-send at once.
-    :param stall_timeout: seconds a send may make no progress before its socket gives up its
-        send slot.
+    :param send_slots: how many sender tasks send for all the sockets (how many sockets may be
+        mid-send at once).
+    :param stall_timeout: seconds a send may make no progress before its socket gets a writer
+        of its own and its sender is replaced.
     :param clock: a monotonic clock in seconds, for the buffer's age bound (tests inject one).
     """
 
@@ -111,7 +112,11 @@ class EventHub:
         self._registry: Registry[Connection] = Registry()
         self._counters = Counters()
         self._latency = Histogram()  # seconds a broadcast call takes (metrics only)
-        self._slots = SendSlots(send_slots, stall_timeout)
+        self._send_slots = send_slots
+        self._stall_timeout = stall_timeout
+        if send_slots < 1:
+            raise ValueError("send_slots must be at least 1")
+        self._senders: Senders | None = None  # while the hub runs
         self._started = clock()
         self._accepting = True
         self._emptied: anyio.Event | None = None
@@ -217,8 +222,12 @@ class EventHub:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         try:
+            senders = Senders(self._send_slots, self._stall_timeout)
+            await self._task_group.start(senders.run)
+            self._senders = senders
             await self._backend.start(self._task_group)
         except BaseException:
+            self._senders = None
             self._task_group.cancel_scope.cancel()
             await self._task_group.__aexit__(None, None, None)
             self._task_group = None
@@ -237,6 +246,7 @@ class EventHub:
         with anyio.CancelScope(shield=True):
             await self.shutdown()
             await self._backend.stop()
+        self._senders = None
         # Only background work runs in this group: stop it, and let the body's error (if any)
         # propagate as it is rather than wrapped in an exception group.
         task_group.cancel_scope.cancel()

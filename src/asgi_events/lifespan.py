@@ -2,6 +2,8 @@
 
 The hub is entered around the inner app's lifespan and shut down on ``lifespan.shutdown``
 before the inner app hears of it (its sockets close while the app's resources still exist).
+The server is told that shutdown is complete only once the hub has stopped as well (servers
+cancel the lifespan task when they hear it).
 An inner app without lifespan support (it raises before it takes ``lifespan.startup``, or
 returns without answering it) gets the protocol completed on its behalf; one that takes
 startup and then raises has failed to start, and the server is told so.
@@ -23,6 +25,7 @@ async def run_lifespan(
     app: ASGIApp, hub: EventHub, scope: Scope, receive: Receive, send: Send
 ) -> None:
     got_startup = got_shutdown = answered_startup = False
+    finished: Message | None = None  # the inner app's shutdown answer
 
     async def receive_wrapper() -> Message:
         nonlocal got_startup, got_shutdown
@@ -35,12 +38,17 @@ async def run_lifespan(
         return message
 
     async def send_wrapper(message: Message) -> None:
-        nonlocal answered_startup
-        if message["type"] in ("lifespan.startup.complete", "lifespan.startup.failed"):
+        nonlocal answered_startup, finished
+        kind = message["type"]
+        if kind in ("lifespan.startup.complete", "lifespan.startup.failed"):
             answered_startup = True
+        elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            finished = message  # sent once the hub has stopped
+            return
         await send(message)
 
     async with hub:
+        completed = False
         try:
             await app(scope, receive_wrapper, send_wrapper)
         except Exception as exc:
@@ -52,11 +60,13 @@ async def run_lifespan(
                 raise
             logger.info("the inner app does not support lifespan; asgi-events completes it")
         else:
-            if answered_startup:
-                return
-        if not got_startup:
-            await receive_wrapper()  # lifespan.startup
-        await send({"type": "lifespan.startup.complete"})
-        if not got_shutdown:
-            await receive_wrapper()  # lifespan.shutdown
-        await send({"type": "lifespan.shutdown.complete"})
+            completed = answered_startup
+        if not completed:
+            if not got_startup:
+                await receive_wrapper()  # lifespan.startup
+            await send({"type": "lifespan.startup.complete"})
+            if not got_shutdown:
+                await receive_wrapper()  # lifespan.shutdown
+            finished = {"type": "lifespan.shutdown.complete"}
+    if finished is not None:
+        await send(finished)
