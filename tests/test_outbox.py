@@ -138,7 +138,7 @@ class Socket:
 
 async def test_nothing_is_sent_before_start() -> None:
     sock = Socket()
-    async with running(Senders(2, 1.0)) as senders:
+    async with running(Senders(2, 1.0, Counters())) as senders:
         sock.outbox.push(plain(1))
         await anyio.wait_all_tasks_blocked()
         assert sock.sent == []
@@ -163,7 +163,7 @@ async def test_senders_deliver_every_socket_in_order_at_most_size_at_once() -> N
         return send
 
     sockets = [Socket() for _ in range(6)]
-    async with running(Senders(2, 1.0)) as senders:
+    async with running(Senders(2, 1.0, Counters())) as senders:
         for sock in sockets:
             sock.outbox._send = counting(sock)  # type: ignore[assignment]
             sock.outbox.start(senders)
@@ -176,26 +176,29 @@ async def test_senders_deliver_every_socket_in_order_at_most_size_at_once() -> N
     assert peak == 2
 
 
-async def test_a_stalled_socket_gets_its_own_writer_and_the_others_go_on() -> None:
+async def test_a_stalled_send_is_left_behind_and_the_others_go_on() -> None:
     stuck, other = Socket(), Socket()
     stuck.gate = anyio.Event()
-    async with running(Senders(1, stall_timeout=0.05)) as senders:
+    counters = Counters()
+    async with running(Senders(1, 0.05, counters)) as senders:
         for sock in (stuck, other):
             sock.outbox.start(senders)
         stuck.outbox.push(plain(1))  # the only sender blocks in this send
         await anyio.wait_all_tasks_blocked()
         other.outbox.push(plain(2))
-        await other.wait_for(1)  # sent by the sender that replaced the stalled one
-        assert stuck.outbox.stalled and senders.retired == 1
+        await other.wait_for(1)  # sent by the sender that replaced the stuck one
+        assert counters.stalled_sends == 1
+        stuck.outbox.push(plain(3))  # queued behind the stuck send
         stuck.gate.set()
         stuck.gate = None
-        await stuck.wait_for(1)
-        stuck.outbox.push(plain(3))  # its own writer now: the retired sender
-        other.outbox.push(plain(4))
-        await stuck.wait_for(2)
+        await stuck.wait_for(2)  # the retired sender finishes the queue, then ends
+        await anyio.wait_all_tasks_blocked()
+        stuck.outbox.push(plain(4))  # back with the senders
+        other.outbox.push(plain(5))
+        await stuck.wait_for(3)
         await other.wait_for(2)
-        assert senders.retired == 1
-    assert stuck.sent == ["1", "3"] and other.sent == ["2", "4"]
+        assert counters.stalled_sends == 1 and len(senders._senders) == 1
+    assert stuck.sent == ["1", "3", "4"] and other.sent == ["2", "5"]
 
 
 async def test_a_sender_lets_other_tasks_run_when_sends_never_suspend() -> None:
@@ -204,7 +207,7 @@ async def test_a_sender_lets_other_tasks_run_when_sends_never_suspend() -> None:
         sock.send = slow(sock.send)  # type: ignore[method-assign]
         sock.outbox._send = sock.send
     seen: list[int] = []
-    async with running(Senders(1, 10.0)) as senders:
+    async with running(Senders(1, 10.0, Counters())) as senders:
         for sock in sockets:
             sock.outbox.start(senders)
             sock.outbox.push(plain(0))
@@ -234,7 +237,7 @@ async def test_a_failing_send_drops_only_its_socket() -> None:
         raise RuntimeError("server bug")
 
     gone.outbox._send, broken.outbox._send = reset, bug
-    async with running(Senders(1, 1.0)) as senders:
+    async with running(Senders(1, 1.0, Counters())) as senders:
         for sock in (gone, broken, fine):
             sock.outbox.start(senders)
             sock.outbox.push(plain(1))
@@ -249,7 +252,7 @@ async def test_a_failing_send_drops_only_its_socket() -> None:
 
 async def test_a_close_frame_ends_the_socket_once() -> None:
     sock = Socket()
-    async with running(Senders(1, 1.0)) as senders:
+    async with running(Senders(1, 1.0, Counters())) as senders:
         sock.outbox.start(senders)
         sock.outbox.push(plain(1))
         sock.outbox.close(1013, "Slow consumer")  # the queued message is dropped
@@ -262,4 +265,4 @@ async def test_a_close_frame_ends_the_socket_once() -> None:
 @pytest.mark.parametrize("size", [0, -1])
 def test_senders_need_one(size: int) -> None:
     with pytest.raises(ValueError):
-        Senders(size, 1.0)
+        Senders(size, 1.0, Counters())

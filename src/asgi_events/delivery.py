@@ -13,9 +13,10 @@ The message's class says what it may cost a client: a ``DurableMessage`` is buff
 when its queue is under pressure, and a plain ``dict`` (``broadcast_to_all``) is neither.
 
 A sender whose send makes no progress for ``stall_timeout`` (a client that stopped reading) is
-retired: it stays with that socket as its own writer from then on, and a new sender takes its
-place, so stalled clients can never hold up the others. Without a running hub (a server with no
-lifespan) every socket has its own writer, ``Outbox.run``.
+retired: a new sender takes its place at once, and the retired one stays with that socket until
+its queue is empty, then ends. So stalled clients never hold up the others, and a slow one costs
+a task of its own only while it is behind. Without a running hub (a server with no lifespan)
+every socket has its own writer, ``Outbox.run``.
 """
 
 from __future__ import annotations
@@ -106,7 +107,6 @@ class Outbox:
         "batch",
         "finished",
         "sent",
-        "stalled",
     )
 
     def __init__(
@@ -132,11 +132,10 @@ class Outbox:
         # True while a sender has this socket on its ready queue or is sending for it (pushes
         # then only append), and until start(): nothing is sent before the handshake is.
         self._scheduled = True
-        self._wake: anyio.Event | None = None  # its own writer's, while it waits
+        self._wake: anyio.Event | None = None  # its own writer's (Outbox.run), while it waits
         self._close: Message | None = None
         self.sent = 0
         self.finished = False  # nothing more will be sent
-        self.stalled = False  # its sender was retired for it: it has a writer of its own
         self.batch = False  # asgi-events.v1.batch: everything queued goes out in one frame
 
     def push(self, message: Message) -> int:
@@ -239,7 +238,7 @@ class Outbox:
 
     def _schedule(self) -> None:
         self._scheduled = True
-        if self._senders is not None and not self.stalled:
+        if self._senders is not None:
             self._senders.ready(self)
         elif self._wake is not None:
             self._wake.set()
@@ -323,9 +322,10 @@ class Senders:
 
     :param size: how many sockets may be mid-send at once (besides stalled ones).
     :param stall_timeout: seconds a send may make no progress before its sender is retired.
+    :param counters: where retirements are counted (``stalled_sends``).
     """
 
-    def __init__(self, size: int, stall_timeout: float) -> None:
+    def __init__(self, size: int, stall_timeout: float, counters: Counters) -> None:
         if size < 1:
             raise ValueError("send slots must be at least 1")
         self._size = size
@@ -333,14 +333,18 @@ class Senders:
         self._ready: deque[Outbox] = deque()
         self._idle: deque[anyio.Event] = deque()  # the waiting senders' wake-ups
         self._senders: set[_Sender] = set()
+        self._watch: anyio.Event | None = None  # the watchdog's wake-up, while all is quiet
         self._task_group: anyio.abc.TaskGroup | None = None
-        self.retired = 0
+        self._counters = counters
 
     def ready(self, outbox: Outbox) -> None:
         """``outbox`` has something to send: a sender will come to it."""
         self._ready.append(outbox)
         if self._idle:
             self._idle.popleft().set()
+        if self._watch is not None:
+            self._watch.set()
+            self._watch = None
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -352,6 +356,9 @@ class Senders:
                 self._add()
             task_status.started()
             while True:
+                if not self._ready and all(s.outbox is None for s in self._senders):
+                    self._watch = watch = anyio.Event()
+                    await watch.wait()
                 await anyio.sleep(self._stall_timeout / 2)
                 self._retire_stalled()
 
@@ -378,11 +385,14 @@ class Senders:
             sender.outbox = outbox = ready.popleft()
             await outbox.drain(TURN)
             sender.outbox = None
-            if sender.retired:  # it stays with the stalled socket, as its writer
-                await outbox.run()
-                return
             if outbox._scheduled and not outbox.finished:
-                ready.append(outbox)  # more queued: back in line
+                if not sender.retired:
+                    ready.append(outbox)  # more queued: back in line
+                    continue
+                # Replaced while its send was stuck: it finishes this socket's queue alone.
+                await outbox.drain(math.inf)
+            if sender.retired:
+                return
 
     def _retire_stalled(self) -> None:
         now = anyio.current_time()
@@ -392,7 +402,7 @@ class Senders:
             if box is None or seen != sender.seen:
                 sender.seen, sender.since = seen, now
             elif now - sender.since >= self._stall_timeout:
-                sender.retired = box.stalled = True
+                sender.retired = True
                 self._senders.discard(sender)
-                self.retired += 1
+                self._counters.stalled_sends += 1
                 self._add()

@@ -59,8 +59,8 @@ class EventHub:
         cancels them.
     :param send_slots: how many sender tasks send for all the sockets (how many sockets may be
         mid-send at once).
-    :param stall_timeout: seconds a send may make no progress before its socket gets a writer
-        of its own and its sender is replaced.
+    :param stall_timeout: seconds a send may make no progress before its sender is replaced
+        (it finishes that socket's queue alone, then ends).
     :param clock: a monotonic clock in seconds, for the buffer's age bound (tests inject one).
     """
 
@@ -83,7 +83,7 @@ class EventHub:
         refusal: Refusal = "close",
         shutdown_timeout: float = 5.0,
         send_slots: int = 8,
-        stall_timeout: float = 1.0,
+        stall_timeout: float = 0.25,
         clock: Clock = time.monotonic,
     ) -> None:
         self._settings = Settings(
@@ -222,7 +222,7 @@ class EventHub:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         try:
-            senders = Senders(self._send_slots, self._stall_timeout)
+            senders = Senders(self._send_slots, self._stall_timeout, self._counters)
             await self._task_group.start(senders.run)
             self._senders = senders
             await self._backend.start(self._task_group)

@@ -33,6 +33,7 @@ _COUNTERS = {
     "messages_received": "Frames received from clients.",
     "transient_shed": "Transient events dropped for sockets under pressure.",
     "slow_consumer_closes": "Sockets closed with 1013 for not keeping up.",
+    "stalled_sends": "Sends stuck for stall_timeout (their sender was replaced).",
     "connections_displaced": "Sockets closed because their user opened too many.",
     "rate_limited": "Sockets closed for sending too many messages.",
     "oversized_messages": "Sockets closed for a message over the size limit.",

@@ -27,6 +27,7 @@ class Counters:
     replayed_events: int = 0
     slow_consumer_closes: int = 0
     transient_shed: int = 0
+    stalled_sends: int = 0  # sends that made no progress for stall_timeout
     refusals: dict[str, int] = field(default_factory=dict)  # sockets refused, by kind
     closes: dict[int, int] = field(default_factory=dict)  # close frames sent, by code
 
