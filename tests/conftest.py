@@ -208,13 +208,15 @@ async def assert_silent(ws: AsyncWebSocketSession) -> None:
         await ws.receive(timeout=QUIET)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every coroutine test runs under anyio, on each backend of ``anyio_backend``."""
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> None:
+    """Every coroutine test runs under anyio, on each backend of ``anyio_backend``: marked here,
+    before anyio's own hook (it parametrizes only tests marked by then)."""
     import inspect
 
-    for item in items:
-        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
-            item.add_marker(pytest.mark.anyio)
+    if isinstance(collector, pytest.Module | pytest.Class) and collector.istestfunction(obj, name):
+        if inspect.iscoroutinefunction(obj):
+            pytest.mark.anyio(obj)
 
 
 @pytest.fixture(scope="session")

@@ -255,3 +255,22 @@ async def test_inner_app_raising_at_once_has_lifespan_completed_for_it() -> None
 
     sent = await drive_lifespan(EventsMiddleware(no_lifespan, hub=EventHub(users)))
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+@pytest.mark.parametrize("mode", ["ok", "unsupported"])
+async def test_the_server_hears_shutdown_complete_once_the_hub_has_stopped(mode: str) -> None:
+    """Servers cancel the lifespan task when they hear it: the hub's teardown must be over."""
+    hub = EventHub(users)
+    running_at: dict[str, bool] = {}
+    to_app = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+    async def receive() -> Message:
+        return to_app.pop(0) if to_app else await anyio.sleep_forever()  # type: ignore[func-returns-value]
+
+    async def send(message: Message) -> None:
+        running_at[message["type"]] = hub._task_group is not None
+
+    app = EventsMiddleware(RecordingApp(hub, mode), hub=hub)
+    with anyio.fail_after(TIMEOUT):
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    assert running_at == {"lifespan.startup.complete": True, "lifespan.shutdown.complete": False}
