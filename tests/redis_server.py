@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import selectors
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 
@@ -54,8 +57,19 @@ class RedisServer:
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.02)
 
+    def pause(self) -> None:
+        """Freeze it (SIGSTOP): connections stay open, nothing is answered, no error, no reset."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused server go on (SIGCONT), with everything sent to it meanwhile."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)  # a paused process would not terminate
             self.process.terminate()
             self.process.wait(10)
             self.process = None
@@ -75,3 +89,93 @@ def running_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+class Partition:
+    """A TCP relay to a redis-server that can be cut silently, like a network partition.
+
+    While cut it neither relays nor accepts: what either side sends waits in the kernel's
+    buffers, nothing is answered, and nothing is reset. Healing it relays everything that
+    waited, as TCP does when a partition heals before the connection times out.
+    """
+
+    def __init__(self, upstream: RedisServer) -> None:
+        self._upstream = upstream.port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.setblocking(False)
+        self.port = int(self._listener.getsockname()[1])
+        self._cut = threading.Event()
+        self._idle = threading.Event()  # set by the relay while it is cut
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._relay, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def cut(self) -> None:
+        """Cut it; once this returns, nothing more goes through."""
+        self._cut.set()
+        assert self._idle.wait(10), "the relay did not stop"
+
+    def heal(self) -> None:
+        self._cut.clear()
+        self._idle.clear()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(10)
+
+    def _relay(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ)
+        peers: dict[socket.socket, socket.socket] = {}
+        try:
+            while not self._closed.is_set():
+                if self._cut.is_set():
+                    self._idle.set()
+                    time.sleep(0.01)
+                    continue
+                for key, _ in selector.select(0.05):
+                    if self._cut.is_set():
+                        break
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    if sock is self._listener:
+                        with suppress(BlockingIOError):
+                            client, _ = sock.accept()
+                            server = socket.create_connection(("127.0.0.1", self._upstream))
+                            for end in (client, server):
+                                end.setblocking(True)
+                                selector.register(end, selectors.EVENT_READ)
+                            peers[client], peers[server] = server, client
+                        continue
+                    if sock not in peers:
+                        continue
+                    try:
+                        data = sock.recv(65536)
+                        if data:
+                            peers[sock].sendall(data)
+                            continue
+                    except OSError:
+                        pass
+                    peer = peers.pop(sock)  # one end closed: close the pair
+                    peers.pop(peer, None)
+                    for end in (sock, peer):
+                        selector.unregister(end)
+                        end.close()
+        finally:
+            for end in peers:
+                end.close()
+            self._listener.close()
+            selector.close()
+
+
+@contextmanager
+def partition(server: RedisServer) -> Iterator[Partition]:
+    relay = Partition(server)
+    try:
+        yield relay
+    finally:
+        relay.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
 import subprocess
@@ -13,25 +15,68 @@ import anyio
 import coredis
 import httpx
 import pytest
+from httpx_ws import AsyncWebSocketSession, WebSocketDisconnect
 
 from asgi_events import BackendUnavailableError, EventHub
 from asgi_events.backends.redis import RedisBackend
 
 from .conftest import Connect, ServeFn, Server, assert_silent, close_code, recv, recv_n, users
-from .redis_server import RedisServer, free_port
+from .redis_server import RedisServer, free_port, partition
 
 ROOT = Path(__file__).resolve().parent.parent
 V1 = ["asgi-events.v1"]
 
 
-async def nodes(serve: ServeFn, redis: RedisServer, n: int = 2, **hub: Any) -> list[Server]:
+# Short heartbeats for the tests of silent partitions: one is noticed within 0.7 s.
+BEATS = {"heartbeat_interval": 0.2, "heartbeat_timeout": 0.5}
+NOTICED = 0.2 + 0.5 + 2.0  # the bound on noticing one, plus room for a loaded machine
+
+
+async def nodes(
+    serve: ServeFn,
+    redis: RedisServer,
+    n: int = 2,
+    backend: dict[str, Any] | None = None,
+    **hub: Any,
+) -> list[Server]:
     """``n`` servers, each with its own hub, sharing one Redis under a prefix of the test's."""
     prefix = f"t-{secrets.token_hex(4)}"
     servers = []
     for _ in range(n):
-        backend = RedisBackend(redis.url, prefix=prefix, timeout=1.0, max_backoff=0.2)
-        servers.append(await serve(hub=EventHub(users, backend=backend, **hub)))
+        options = {"prefix": prefix, "timeout": 1.0, "max_backoff": 0.2, **(backend or {})}
+        redis_backend = RedisBackend(redis.url, **options)
+        servers.append(await serve(hub=EventHub(users, backend=redis_backend, **hub)))
     return servers
+
+
+def redis_backend(server: Server) -> RedisBackend:
+    assert server.hub is not None and isinstance(server.hub._backend, RedisBackend)
+    return server.hub._backend
+
+
+async def until_healthy(*servers: Server) -> None:
+    """Wait (bounded) until every node has its subscription back, by itself."""
+    with anyio.fail_after(10):  # no event to wait on: poll
+        while not all(s.hub and s.hub.stats()["backend"]["healthy"] for s in servers):  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+
+
+async def heartbeats_go_round(*servers: Server) -> None:
+    """Wait (bounded) until each node has sent two more heartbeats (one whole came back)."""
+    targets = [(redis_backend(s), redis_backend(s)._beats + 2) for s in servers]
+    with anyio.fail_after(5):
+        while any(backend._beats < target for backend, target in targets):  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+async def frames_until_closed(ws: AsyncWebSocketSession) -> tuple[list[Any], tuple[int, str]]:
+    """Every frame the server sends until it closes the socket, and its close code and reason."""
+    frames = []
+    while True:
+        try:
+            frames.append(json.loads(await ws.receive_text(timeout=10)))
+        except WebSocketDisconnect as exc:
+            return frames, (exc.code, exc.reason)
 
 
 async def test_fan_out_reaches_every_node_once(
@@ -273,3 +318,165 @@ async def test_a_user_idle_past_the_age_bound_resumes_exactly(
     async with connect(a.ws_url(token="tok-alice", lastEventId=first["id"]), V1) as ws:
         ready = await recv(ws)
     assert ready["payload"]["recovered"] is False and ready["payload"]["reason"] == "expired"
+
+
+async def test_a_frozen_redis_is_noticed_and_the_node_recovers(
+    serve: ServeFn, connect: Connect, own_redis: RedisServer
+) -> None:
+    """A silent partition: Redis stops answering (SIGSTOP), with no error and no reset."""
+    a, b = await nodes(serve, own_redis, backend=BEATS)
+    async with connect(a.ws_url(token="tok-alice")) as ws:
+        await b.hub.broadcast("alice", {"type": "T", "payload": "before"})
+        before = await recv(ws)
+        own_redis.pause()
+        try:
+            # The heartbeat does not come back: the sockets are told to resume elsewhere.
+            with anyio.fail_after(NOTICED):
+                assert await close_code(ws) == (1012, "Service restart")
+            backend = a.hub.stats()["backend"]
+            assert backend["healthy"] is False and backend["interruptions"] == 1
+            assert backend["last_error"].startswith("heartbeat timeout")
+            async with connect(a.ws_url(token="tok-alice")) as refused:
+                assert await close_code(refused) == (1012, "Service restart")
+        finally:
+            own_redis.resume()
+    await until_healthy(a, b)
+    url = a.ws_url(token="tok-alice", lastEventId=before["id"])
+    async with connect(a.ws_url(token="tok-alice")) as fresh, connect(url, V1) as resumed:
+        await b.hub.broadcast("alice", {"type": "T", "payload": "after"})
+        after = await recv(fresh)
+        ready, live = await recv_n(resumed, 2)
+        assert after["payload"] == "after" and live == after
+        assert ready["payload"] == {"position": before["id"], "recovered": True, "replayed": 0}
+        await assert_silent(fresh)
+    async with connect(a.ws_url(token="tok-alice", lastEventId=before["id"]), V1) as again:
+        replayed, ready = await recv_n(again, 2)
+    assert replayed == after and ready["payload"]["recovered"] is True
+    assert a.hub.stats()["backend"]["interruptions"] == 1
+
+
+async def test_a_node_cut_off_alone_loses_nothing(
+    serve: ServeFn, connect: Connect, redis_server: RedisServer
+) -> None:
+    """A silent partition of one node: the others go on publishing, it misses their events."""
+    prefix = f"t-{secrets.token_hex(4)}"
+    options: dict[str, Any] = {"prefix": prefix, "timeout": 1.0, "max_backoff": 0.2, **BEATS}
+    with partition(redis_server) as relay:
+        a = await serve(hub=EventHub(users, backend=RedisBackend(relay.url, **options)))
+        b = await serve(hub=EventHub(users, backend=RedisBackend(redis_server.url, **options)))
+        async with connect(a.ws_url(token="tok-alice")) as on_a:
+            await b.hub.broadcast("alice", {"type": "T", "payload": 0})
+            first = await recv(on_a)
+            relay.cut()
+            for n in (1, 2, 3):
+                await b.hub.broadcast("alice", {"type": "T", "payload": n})
+            with anyio.fail_after(NOTICED):
+                missed, code = await frames_until_closed(on_a)
+        assert missed == [] and code == (1012, "Service restart")
+        assert a.hub is not None and a.hub.stats()["backend"]["healthy"] is False
+        # The client resumes on the other node: everything it missed, exactly.
+        async with connect(b.ws_url(token="tok-alice", lastEventId=first["id"]), V1) as on_b:
+            *replayed, ready = await recv_n(on_b, 4)
+        assert [f["payload"] for f in replayed] == [1, 2, 3]
+        assert ready["payload"]["recovered"] is True and ready["payload"]["replayed"] == 3
+        relay.heal()
+        await until_healthy(a)
+        async with connect(a.ws_url(token="tok-alice", lastEventId=first["id"]), V1) as back:
+            await b.hub.broadcast("alice", {"type": "T", "payload": 4})
+            *again, ready, live = await recv_n(back, 5)
+        assert again == replayed and ready["payload"]["recovered"] is True
+        assert live["payload"] == 4
+        assert a.hub.stats()["backend"]["interruptions"] == 1
+        await a.stop()  # before the relay goes
+
+
+async def test_heartbeats_do_not_disturb_delivery(
+    serve: ServeFn, connect: Connect, redis_server: RedisServer
+) -> None:
+    beats = {"heartbeat_interval": 0.01, "heartbeat_timeout": 1.0}
+    a, b = await nodes(serve, redis_server, backend=beats)
+    async with (
+        connect(a.ws_url(token="tok-alice")) as on_a,
+        connect(b.ws_url(token="tok-alice"), V1) as on_b,
+        connect(a.ws_url(token="tok-bob")) as bob,
+    ):
+        (ready,) = await recv_n(on_b, 1)
+        assert ready["type"] == "asgi_events.ready"
+        sent = []
+        for n in range(10):
+            node = (a, b)[n % 2]
+            await node.hub.broadcast("alice", {"type": "T", "payload": n})
+            await node.hub.broadcast("alice", {"type": "JOB_PROGRESS", "payload": n})
+            sent += [n, n]
+            await heartbeats_go_round(a, b)
+        await b.hub.broadcast_to_all({"type": "ALL", "payload": "end"})
+        for ws in (on_a, on_b):
+            frames = await recv_n(ws, len(sent) + 1)
+            assert [f["type"] for f in frames] == ["T", "JOB_PROGRESS"] * 10 + ["ALL"]
+            assert [f["payload"] for f in frames] == [*sent, "end"]
+            await assert_silent(ws)
+        assert (await recv(bob))["payload"] == "end"
+        await assert_silent(bob)
+    for node in (a, b):
+        assert node.hub is not None
+        backend = node.hub.stats()["backend"]
+        assert backend["healthy"] is True and backend["interruptions"] == 0
+        assert backend["last_error"] is None
+
+
+async def test_heartbeats_can_be_turned_off(
+    serve: ServeFn, connect: Connect, redis_server: RedisServer
+) -> None:
+    (a,) = await nodes(serve, redis_server, n=1, backend={"heartbeat_interval": None})
+    async with connect(a.ws_url(token="tok-alice")) as ws:
+        await a.hub.broadcast("alice", {"type": "T", "payload": 1})
+        assert (await recv(ws))["payload"] == 1
+    assert redis_backend(a)._beats == 0
+    with pytest.raises(ValueError, match="heartbeat_interval"):
+        RedisBackend(redis_server.url, heartbeat_interval=0)
+    with pytest.raises(ValueError, match="heartbeat_timeout"):
+        RedisBackend(redis_server.url, heartbeat_timeout=-1)
+
+
+async def test_a_frozen_redis_at_startup_does_not_hold_the_hub_up(own_redis: RedisServer) -> None:
+    backend = RedisBackend(own_redis.url, timeout=0.5, max_backoff=0.2, **BEATS)
+    own_redis.pause()
+    try:
+        with anyio.fail_after(0.5 + 2):  # the subscription's attempt fails within ``timeout``
+            async with EventHub(users, backend=backend) as hub:
+                assert hub.stats()["backend"]["healthy"] is False
+                with pytest.raises(BackendUnavailableError):
+                    await hub.broadcast("alice", {"type": "T"})
+                own_redis.resume()
+                with anyio.fail_after(5):
+                    while not hub.stats()["backend"]["healthy"]:  # noqa: ASYNC110
+                        await anyio.sleep(0.02)
+                await hub.broadcast("alice", {"type": "T"})
+    finally:
+        own_redis.resume()
+
+
+async def test_heartbeats_missed_at_any_moment_leave_nothing_behind(
+    serve: ServeFn, connect: Connect, redis_server: RedisServer
+) -> None:
+    """Heartbeats so tight that most are "missed": the subscription is given up over and over,
+    at every stage (subscribing, delivering, publishing a heartbeat), and comes back each time;
+    nothing escapes (no stray cancellation, no unraisable warning), and it works after."""
+    spurious = {"heartbeat_interval": 0.001, "heartbeat_timeout": 0.0005}
+    (a,) = await nodes(serve, redis_server, n=1, backend=spurious)
+    backend = redis_backend(a)
+    with anyio.move_on_after(1):
+        while True:
+            async with connect(a.ws_url(token="tok-alice")) as ws:
+                with contextlib.suppress(BackendUnavailableError):
+                    await a.hub.broadcast("alice", {"type": "T"})
+                frames, code = await frames_until_closed(ws)
+            assert code == (1012, "Service restart")
+            assert all(frame["type"] == "T" for frame in frames)
+    assert backend.stats()["backend"]["interruptions"] > 3
+    backend._beat_timeout = 1.0  # back to sane heartbeats, once the current one is over
+    await heartbeats_go_round(a)
+    await until_healthy(a)
+    async with connect(a.ws_url(token="tok-alice")) as ws:
+        await a.hub.broadcast("alice", {"type": "T", "payload": "fine"})
+        assert (await recv(ws))["payload"] == "fine"

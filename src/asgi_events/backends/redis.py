@@ -12,6 +12,14 @@ Keys, per user (one hash slot per user, so a Redis Cluster works):
 One channel, ``<prefix>:events``, carries every event to every node. Appending an event to
 its stream and publishing it are one Lua script, so every node sees each user's events in
 the order of their stream ids. An event's id is ``<epoch>.<stream id>``.
+
+A silent partition (no error, no TCP reset: a frozen Redis, dropped packets) would leave a
+subscription that looks alive and delivers nothing. So each node also subscribes to a channel
+of its own, ``<prefix>:heartbeat:<node>``, publishes a heartbeat there through its command
+connection every ``heartbeat_interval`` seconds, and expects it back on its subscription:
+Redis delivers a connection's messages in order, so a heartbeat that comes back proves that
+everything published before it came back too. When one does not (or cannot be published), the
+subscription is treated as lost, exactly as if it had failed with an error.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from .base import Deliver, Lost, Replay
 
 try:
     import coredis
+    from coredis.patterns.pubsub import PubSub
 except ImportError as exc:  # pragma: no cover
     raise ImportError("RedisBackend needs coredis: pip install 'asgi-events[redis]'") from exc
 
@@ -43,6 +52,10 @@ if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
 logger = logging.getLogger("asgi_events")
+
+# While other messages keep arriving on the subscription (it is alive, only busy), a heartbeat
+# may come back later than ``heartbeat_timeout``, but at most this many times it.
+_BEAT_GRACE = 5
 
 # Shared by both scripts. A user's meta hash holds its epoch ("e"), its newest id ("l"), the
 # newest id trimmed away ("t") and why ("w": evicted by size, expired by age). Redis' own
@@ -153,6 +166,17 @@ class RedisBackend:
         back after Redis was lost.
     :param meta_ttl: seconds a user's epoch and position outlive their last event (a user idle
         longer resumes into a new epoch: ``recovered: false``, reason ``epoch``).
+    :param heartbeat_interval: seconds between heartbeats: the node publishes one on a channel
+        of its own and expects it back on its subscription, which proves the subscription alive
+        end to end (a silent partition, with no error and no TCP reset, is found this way).
+        ``None`` turns heartbeats off (then only errors are noticed).
+    :param heartbeat_timeout: seconds a heartbeat may take to come back (publishing included)
+        before the subscription is treated as lost: this node's sockets are closed with 1012,
+        ``stats()["backend"]`` shows it unhealthy with ``last_error`` "heartbeat timeout ...",
+        and the subscription is made again with backoff. Defaults to ``timeout``. A silent
+        partition is noticed within ``heartbeat_interval + heartbeat_timeout`` (3 s with the
+        defaults). While other messages keep arriving the subscription is alive, only busy: a
+        heartbeat may then be late, up to five times ``heartbeat_timeout``.
     """
 
     def __init__(
@@ -163,18 +187,32 @@ class RedisBackend:
         timeout: float = 2.0,
         max_backoff: float = 5.0,
         meta_ttl: float = 86_400.0,
+        heartbeat_interval: float | None = 1.0,
+        heartbeat_timeout: float | None = None,
     ) -> None:
+        if heartbeat_interval is not None and not heartbeat_interval > 0:
+            raise ValueError("heartbeat_interval must be positive (or None for no heartbeat)")
+        if heartbeat_timeout is not None and not heartbeat_timeout > 0:
+            raise ValueError("heartbeat_timeout must be positive")
         self.url = url
         self._prefix = prefix
         self._channel = f"{prefix}:events"
         self._timeout = timeout
         self._max_backoff = max_backoff
         self._meta_ttl_ms = max(int(meta_ttl * 1000), 1)
+        self._beat_interval = heartbeat_interval
+        self._beat_timeout = heartbeat_timeout if heartbeat_timeout is not None else timeout
+        self._beat_channel = f"{prefix}:heartbeat:{secrets.token_hex(8)}"
+        self._beats = 0  # heartbeats sent; the newest one's number is the message awaited back
+        self._beat_back = anyio.Event()  # set when the newest heartbeat came back
+        self._last_seen = 0.0  # when a message last came on the subscription (anyio's clock)
+        self._beat_failure: str | None = None  # why the current subscription was given up
         self._size = 200
         self._max_age_ms = 300_000
         self._deliver: Deliver | None = None
         self._lost: Lost | None = None
-        self._client: coredis.Redis[str] | None = None
+        self._client: coredis.Redis[str] | None = None  # commands (and heartbeats)
+        self._subscriber: coredis.Redis[str] | None = None  # the subscription only
         self._append: Any = None
         self._replay: Any = None
         self.healthy = False
@@ -196,15 +234,28 @@ class RedisBackend:
         self.healthy = False  # the hub then cancels its task group, which closes the client
 
     async def _run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        # The subscription has a client (a pool) of its own: a connection given up after a
+        # missed heartbeat is closed without touching commands in flight on the others, and a
+        # connection left half-subscribed after a failed attempt never carries commands. Its
+        # connect and handshake are bounded, so attempts against a frozen Redis fail in time.
+        subscriber = coredis.Redis[str].from_url(
+            self.url,
+            decode_responses=True,
+            connect_timeout=self._timeout,
+            stream_timeout=self._timeout,
+        )
         try:
-            async with coredis.Redis[str].from_url(self.url, decode_responses=True) as client:
-                self._client = client
+            async with (
+                coredis.Redis[str].from_url(self.url, decode_responses=True) as client,
+                subscriber,
+            ):
+                self._client, self._subscriber = client, subscriber
                 self._append = client.register_script(_APPEND)
                 self._replay = client.register_script(_REPLAY)
                 try:
                     await self._subscribe(task_status)
                 finally:
-                    self._client = None
+                    self._client = self._subscriber = None
         except BaseException as exc:
             # Cancelled at shutdown, coredis may fail to unsubscribe on a connection it already
             # closed (seen on trio): nothing is left to clean up, so only the cancellation goes on.
@@ -319,24 +370,29 @@ class RedisBackend:
         return await script(keys=keys, args=args)
 
     async def _subscribe(self, task_status: TaskStatus[None]) -> None:
-        assert self._client is not None and self._lost is not None
+        assert self._subscriber is not None and self._lost is not None
         delay, started = 0.1, False
         while True:
+            self._beat_failure = None
             try:
-                async with self._client.pubsub(
-                    channels=[self._channel], ignore_subscribe_messages=True, retry_policy=None
+                async with self._subscriber.pubsub(
+                    channels=[self._channel]
+                    + ([self._beat_channel] if self._beat_interval is not None else []),
+                    ignore_subscribe_messages=True,
+                    retry_policy=None,
                 ) as pubsub:
                     self.healthy, delay = True, 0.1
                     if not started:
                         started = True
                         task_status.started()
-                    async for message in pubsub:
-                        await self._on_message(str(message["data"]))
+                    await self._consume(pubsub)
             except Exception as exc:  # coredis wraps connection errors in exception groups
                 cause: BaseException = exc
                 while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
                     cause = cause.exceptions[0]
                 self._last_error = f"{type(cause).__name__}: {cause}"
+            if self._beat_failure is not None:  # (the connection closed for it, maybe raising)
+                self._last_error = self._beat_failure
             if self.healthy:  # (not when the hub stops: it cancels this task instead)
                 self.healthy = False
                 self._interruptions += 1
@@ -347,6 +403,80 @@ class RedisBackend:
                 task_status.started()
             await anyio.sleep(random.uniform(0, delay))  # full jitter
             delay = min(delay * 2, self._max_backoff)
+
+    async def _consume(self, pubsub: PubSub[str]) -> None:
+        """Deliver what comes on the subscription until it ends or a heartbeat is missed."""
+        self._last_seen = anyio.current_time()
+        # The watchdog cancels this scope only: never the pubsub's own task group, nor the task.
+        async with anyio.create_task_group() as watched:
+            if self._beat_interval is not None:
+                watched.start_soon(self._watchdog, pubsub, watched.cancel_scope)
+            async for message in pubsub:
+                self._last_seen = anyio.current_time()
+                data = str(message["data"])
+                if message["channel"] == self._beat_channel:  # not an event: never delivered
+                    if data == str(self._beats):
+                        self._beat_back.set()
+                    continue
+                await self._on_message(data)
+            watched.cancel_scope.cancel()  # the subscription ended: the watchdog goes with it
+
+    async def _watchdog(self, pubsub: PubSub[str], scope: anyio.CancelScope) -> None:
+        """Heartbeats until one is missed; then give the subscription's connection up."""
+        reason = await self._heartbeats()
+        self._beat_failure = reason
+        logger.warning("Redis subscription: %s", reason)
+        # It cannot be trusted any more: close it (rather than hand it back to the pool, still
+        # subscribed, or wait for its unsubscription), then stop consuming. coredis then either
+        # raises its ConnectionError out of the pubsub, or the pubsub exits quietly.
+        try:
+            pubsub.connection.invalidate(reason)
+        except coredis.exceptions.ConnectionError:  # (it had no connection left)
+            pass
+        scope.cancel()
+
+    async def _heartbeats(self) -> str:
+        """Send heartbeats and wait for each to come back; return why one did not."""
+        assert self._beat_interval is not None
+        while True:
+            await anyio.sleep(self._beat_interval)
+            failure = await self._heartbeat()
+            if failure is not None:
+                return failure
+
+    async def _heartbeat(self) -> str | None:
+        """One heartbeat: None once it came back, or why it did not in time."""
+        assert self._client is not None
+        client, timeout = self._client, self._beat_timeout
+        self._beats += 1
+        token, back = str(self._beats), anyio.Event()
+        self._beat_back = back
+        sent = anyio.current_time()
+        failed: list[str] = []
+
+        async def publish() -> None:
+            try:
+                await client.publish(self._beat_channel, token)
+            except (coredis.exceptions.RedisError, OSError, TimeoutError) as exc:
+                failed.append(f"{type(exc).__name__}: {exc}")
+                back.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(publish)
+            # Late only because the subscription is busy (other messages keep coming): wait on.
+            latest = sent + _BEAT_GRACE * timeout
+            while not back.is_set():
+                deadline = min(max(sent, self._last_seen) + timeout, latest)
+                if anyio.current_time() >= deadline:
+                    break
+                with anyio.move_on_after(deadline - anyio.current_time()):
+                    await back.wait()
+            tg.cancel_scope.cancel()  # a publish still waiting for its reply goes
+        if failed:
+            return f"heartbeat publish failed: {failed[0]}"
+        if not back.is_set():
+            return f"heartbeat timeout: none came back within {timeout:g} s"
+        return None
 
     async def _on_message(self, data: str) -> None:
         assert self._deliver is not None
