@@ -335,7 +335,8 @@ async def test_a_frozen_redis_is_noticed_and_the_node_recovers(
                 assert await close_code(ws) == (1012, "Service restart")
             backend = a.hub.stats()["backend"]
             assert backend["healthy"] is False and backend["interruptions"] == 1
-            assert backend["last_error"].startswith("heartbeat timeout")
+            # (the heartbeat's publish may wait for its reply, or for a new connection, in vain)
+            assert backend["last_error"].startswith(("heartbeat timeout", "heartbeat publish"))
             async with connect(a.ws_url(token="tok-alice")) as refused:
                 assert await close_code(refused) == (1012, "Service restart")
         finally:

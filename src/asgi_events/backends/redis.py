@@ -45,6 +45,7 @@ from .base import Deliver, Lost, Replay
 try:
     import coredis
     from coredis.patterns.pubsub import PubSub
+    from coredis.retry import NoRetryPolicy
 except ImportError as exc:  # pragma: no cover
     raise ImportError("RedisBackend needs coredis: pip install 'asgi-events[redis]'") from exc
 
@@ -246,7 +247,11 @@ class RedisBackend:
         )
         try:
             async with (
-                coredis.Redis[str].from_url(self.url, decode_responses=True) as client,
+                # No retries: appending is not idempotent, and a retry after a reply lost on
+                # the way could append an event twice. A failed call raises to the caller.
+                coredis.Redis[str].from_url(
+                    self.url, decode_responses=True, retry_policy=NoRetryPolicy()
+                ) as client,
                 subscriber,
             ):
                 self._client, self._subscriber = client, subscriber
