@@ -66,6 +66,15 @@ _NEXT: dict[State, frozenset[State]] = {
 class Connection:
     """One socket of one user: its state, its outbox, and a way to cancel it."""
 
+    __slots__ = (
+        "cancel_scope",
+        "counters",
+        "expires_at",
+        "handshake",
+        "outbox",
+        "state",
+        "user_id",
+    )
     outbox: Outbox
 
     def __init__(self, principal: Principal, handshake: Handshake, counters: Counters) -> None:
