@@ -83,7 +83,7 @@ class EventHub:
         refusal: Refusal = "close",
         shutdown_timeout: float = 5.0,
         send_slots: int = 8,
-        stall_timeout: float = 0.25,
+        stall_timeout: float = 0.1,
         clock: Clock = time.monotonic,
     ) -> None:
         self._settings = Settings(
