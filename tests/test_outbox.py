@@ -10,6 +10,9 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from asgi_events import EventHub
+from asgi_events.auth import parse_handshake
+from asgi_events.connection import Connection
 from asgi_events.delivery import (
     BUSY,
     FULL,
@@ -20,8 +23,11 @@ from asgi_events.delivery import (
     TransientMessage,
     text_message,
 )
+from asgi_events.hub import PRESSURE_ROUNDS
 from asgi_events.stats import Counters
-from asgi_events.types import Message
+from asgi_events.types import Message, Principal
+
+from .conftest import users
 
 
 def plain(n: int) -> Message:
@@ -187,7 +193,7 @@ async def test_a_stalled_send_is_left_behind_and_the_others_go_on() -> None:
         await anyio.wait_all_tasks_blocked()
         other.outbox.push(plain(2))
         await other.wait_for(1)  # sent by the sender that replaced the stuck one
-        assert counters.stalled_sends == 1
+        assert counters.stalled_sends == 1 and stuck.outbox.stalled
         stuck.outbox.push(plain(3))  # queued behind the stuck send
         stuck.gate.set()
         stuck.gate = None
@@ -198,6 +204,7 @@ async def test_a_stalled_send_is_left_behind_and_the_others_go_on() -> None:
         await stuck.wait_for(3)
         await other.wait_for(2)
         assert counters.stalled_sends == 1 and len(senders._senders) == 1
+        assert not stuck.outbox.stalled  # caught up: back with the senders
     assert stuck.sent == ["1", "3", "4"] and other.sent == ["2", "5"]
 
 
@@ -265,3 +272,38 @@ async def test_a_close_frame_ends_the_socket_once() -> None:
 def test_senders_need_one(size: int) -> None:
     with pytest.raises(ValueError):
         Senders(size, 1.0, Counters())
+
+
+async def test_a_publisher_waits_for_a_pressed_queue_but_not_for_a_stuck_one() -> None:
+    """Under pressure broadcast lets the senders run for a few rounds; a socket whose send is
+    stuck gains nothing from that, so it must not slow every publisher down."""
+    hub = EventHub(users)
+    handshake = parse_handshake({"type": "websocket", "query_string": b"token=tok-alice"})
+
+    def backlogged(stalled: bool) -> Connection:
+        conn = Connection(Principal("alice"), handshake, hub._counters)
+        conn.outbox = Outbox(8, 100, hub._counters)  # (never started: nothing drains it)
+        for n in range(5):
+            conn.outbox.push(plain(n))  # past half of the limit: pressed
+        conn.outbox.stalled = stalled
+        return conn
+
+    rounds = 0
+
+    async def count_rounds() -> None:
+        nonlocal rounds
+        while True:
+            await anyio.lowlevel.checkpoint()
+            rounds += 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(count_rounds)
+        await anyio.lowlevel.checkpoint()  # (it runs whenever this task yields)
+        before = rounds
+        await hub._fan_out([backlogged(stalled=True)], plain(9))
+        stuck_rounds, before = rounds - before, rounds
+        await hub._fan_out([backlogged(stalled=False)], plain(9))
+        pressed_rounds = rounds - before
+        tg.cancel_scope.cancel()
+    assert stuck_rounds == 0
+    assert pressed_rounds >= PRESSURE_ROUNDS - 1

@@ -112,6 +112,7 @@ class Outbox:
         "batch",
         "finished",
         "sent",
+        "stalled",
     )
 
     def __init__(
@@ -141,6 +142,7 @@ class Outbox:
         self._close: Message | None = None
         self.sent = 0
         self.finished = False  # nothing more will be sent
+        self.stalled = False  # its send is stuck: its sender was replaced (see Senders)
         self.batch = False  # asgi-events.v1.batch: everything queued goes out in one frame
 
     def push(self, message: Message) -> int:
@@ -401,6 +403,7 @@ class Senders:
                 # Replaced while its send was stuck: it finishes this socket's queue alone.
                 await outbox.drain(math.inf)
             if sender.retired:
+                outbox.stalled = False
                 return
 
     async def _pause(self) -> None:
@@ -428,7 +431,7 @@ class Senders:
             if box is None or seen != sender.seen:
                 sender.seen, sender.since = seen, now
             elif now - sender.since >= self._stall_timeout:
-                sender.retired = True
+                sender.retired = box.stalled = True
                 self._senders.discard(sender)
                 self._counters.stalled_sends += 1
                 self._add()

@@ -169,15 +169,15 @@ class EventHub:
             if status:  # the rare path
                 if status == FULL:
                     full.append(conn)
-                else:
+                elif not conn.outbox.stalled:  # (waiting would not help a stuck send)
                     pressed.append(conn.outbox)
         for conn in full:
             self._slow_consumer(conn)
-        # Queues are filling up: let their writers run before the caller publishes more, for a
+        # Queues are filling up: let the senders run before the caller publishes more, for a
         # few scheduling rounds at most, so that a stalled socket cannot hold the caller up.
         for _ in range(PRESSURE_ROUNDS if pressed else 0):
             await anyio.lowlevel.checkpoint()
-            if not any(box.pressed for box in pressed):
+            if not any(box.pressed and not box.stalled for box in pressed):
                 break
 
     def stats(self) -> dict[str, Any]:
