@@ -144,7 +144,8 @@ async def make_hub(sockets: int, one_user: bool) -> tuple[EventHub, list[Outbox]
         )
         # As connection.serve does it, minus the socket: outbox, connection, attach, accept.
         outbox = Outbox(settings.send_queue_size, settings.durable_limit, hub._counters)
-        conn = Connection(Principal(user), outbox, handshake, hub._counters)
+        conn = Connection(Principal(user), handshake, hub._counters)
+        conn.outbox = outbox
         await hub._attach(conn)
         conn.to(State.OPEN)
         outboxes.append(outbox)
@@ -159,7 +160,8 @@ async def drain(outboxes: list[Outbox], socket: FakeSocket) -> int:
     """Run each outbox's writer loop until its queue is empty; the messages sent."""
     before = socket.received
     for box in outboxes:
-        await box._drain(socket.send)
+        box._send = socket.send  # (as a sender would: everything queued, in one go)
+        await box.drain(math.inf)
     return socket.received - before
 
 
