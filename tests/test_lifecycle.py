@@ -274,3 +274,15 @@ async def test_the_server_hears_shutdown_complete_once_the_hub_has_stopped(mode:
     with anyio.fail_after(TIMEOUT):
         await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
     assert running_at == {"lifespan.startup.complete": True, "lifespan.shutdown.complete": False}
+
+
+async def test_a_failed_shutdown_of_the_inner_app_reaches_the_server() -> None:
+    async def failing_shutdown(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.failed", "message": "database gone"})
+        raise RuntimeError("database gone")  # as Starlette does
+
+    sent = await drive_lifespan(EventsMiddleware(failing_shutdown, hub=EventHub(users)))
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.failed", "raised"]

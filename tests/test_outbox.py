@@ -307,3 +307,27 @@ async def test_a_publisher_waits_for_a_pressed_queue_but_not_for_a_stuck_one() -
         tg.cancel_scope.cancel()
     assert stuck_rounds == 0
     assert pressed_rounds >= PRESSURE_ROUNDS - 1
+
+
+async def test_a_send_stuck_for_a_socket_that_is_gone_is_cancelled() -> None:
+    """The connection ended (its close deadline passed): the retired sender must not stay."""
+    stuck, cancelled, counters = Socket(), anyio.Event(), Counters()
+    stuck.gate = anyio.Event()  # never set: the client never reads again
+
+    async def send(message: Message) -> None:
+        try:
+            await Socket.send(stuck, message)
+        except anyio.get_cancelled_exc_class():
+            cancelled.set()
+            raise
+
+    stuck.outbox._send = send
+    async with running(Senders(1, 0.05, counters)) as senders:
+        stuck.outbox.start(senders)
+        stuck.outbox.push(plain(1))
+        with anyio.fail_after(5):
+            while not counters.stalled_sends:  # noqa: ASYNC110 (no event marks a retirement)
+                await anyio.sleep(0.01)
+            stuck.outbox.abandon()
+            await cancelled.wait()
+        assert len(senders._senders) == 1 and stuck.sent == []

@@ -108,6 +108,7 @@ class Outbox:
         "_scheduled",
         "_send",
         "_senders",
+        "_unstick",
         "_wake",
         "batch",
         "finished",
@@ -143,6 +144,7 @@ class Outbox:
         self.sent = 0
         self.finished = False  # nothing more will be sent
         self.stalled = False  # its send is stuck: its sender was replaced (see Senders)
+        self._unstick: Callable[[], None] | None = None  # cancels that stuck sender
         self.batch = False  # asgi-events.v1.batch: everything queued goes out in one frame
 
     def push(self, message: Message) -> int:
@@ -246,6 +248,8 @@ class Outbox:
         self._queue.clear()
         self._durable = 0
         self._done(error)
+        if self._unstick is not None:  # a send stuck for it would outlive the connection
+            self._unstick()
 
     def _schedule(self) -> None:
         self._scheduled = True
@@ -258,7 +262,8 @@ class Outbox:
     def _done(self, error: Exception | None) -> None:
         if not self.finished:
             self.finished = self._scheduled = True  # (never scheduled again)
-            self._on_done(error)
+            on_done, self._on_done = self._on_done, _nothing  # (no cycle with its connection)
+            on_done(error)
 
     async def run(self) -> None:
         """Send until finished, as this socket's own writer."""
@@ -319,11 +324,12 @@ class Outbox:
 
 
 class _Sender:
-    __slots__ = ("outbox", "retired", "seen", "since")
+    __slots__ = ("outbox", "retired", "scope", "seen", "since")
 
     def __init__(self) -> None:
         self.outbox: Outbox | None = None  # the socket it is sending for
         self.retired = False
+        self.scope = anyio.CancelScope()  # cancelled if its socket goes while it is stuck
         self.seen: tuple[Outbox | None, int] = (None, 0)  # the watchdog's last look
         self.since = 0.0  # when that look last changed
 
@@ -370,6 +376,8 @@ class Senders:
             task_status.started()
             while True:
                 if not self._ready and all(s.outbox is None for s in self._senders):
+                    for sender in self._senders:
+                        sender.seen = (None, 0)  # (keeps no closed socket alive)
                     self._watch = watch = anyio.Event()
                     await watch.wait()
                 await anyio.sleep(self._stall_timeout / 2)
@@ -382,6 +390,10 @@ class Senders:
         self._task_group.start_soon(self._work, sender)
 
     async def _work(self, sender: _Sender) -> None:
+        with sender.scope:
+            await self._serve(sender)
+
+    async def _serve(self, sender: _Sender) -> None:
         ready, idle = self._ready, self._idle
         while True:
             while not ready:
@@ -393,18 +405,23 @@ class Senders:
             if perf_counter() >= self._deadline:
                 await self._pause()
                 continue
-            sender.outbox = outbox = ready.popleft()
-            await outbox.drain(TURN)
-            sender.outbox = None
-            if outbox._scheduled and not outbox.finished:
-                if not sender.retired:
-                    ready.append(outbox)  # more queued: back in line
-                    continue
-                # Replaced while its send was stuck: it finishes this socket's queue alone.
-                await outbox.drain(math.inf)
-            if sender.retired:
-                outbox.stalled = False
+            if await self._turn(sender, ready.popleft()):
                 return
+
+    async def _turn(self, sender: _Sender, outbox: Outbox) -> bool:
+        """Send for ``outbox``; True if this sender was retired meanwhile (it is done)."""
+        sender.outbox = outbox
+        await outbox.drain(TURN)
+        sender.outbox = None
+        if outbox._scheduled and not outbox.finished:
+            if not sender.retired:
+                self._ready.append(outbox)  # more queued: back in line
+                return False
+            # Replaced while its send was stuck: it finishes this socket's queue alone.
+            await outbox.drain(math.inf)
+        if sender.retired:
+            outbox.stalled, outbox._unstick = False, None
+        return sender.retired
 
     async def _pause(self) -> None:
         """The slice is used up: let every other task run, and the loop poll for I/O, once.
@@ -432,6 +449,7 @@ class Senders:
                 sender.seen, sender.since = seen, now
             elif now - sender.since >= self._stall_timeout:
                 sender.retired = box.stalled = True
+                box._unstick = sender.scope.cancel
                 self._senders.discard(sender)
                 self._counters.stalled_sends += 1
                 self._add()

@@ -47,26 +47,28 @@ async def run_lifespan(
             return
         await send(message)
 
-    async with hub:
-        completed = False
-        try:
-            await app(scope, receive_wrapper, send_wrapper)
-        except Exception as exc:
-            if answered_startup:
-                raise
-            if got_startup:  # it took startup and then failed: that is a startup failure
-                logger.exception("the inner app failed during lifespan startup")
-                await send({"type": "lifespan.startup.failed", "message": repr(exc)})
-                raise
-            logger.info("the inner app does not support lifespan; asgi-events completes it")
-        else:
-            completed = answered_startup
-        if not completed:
-            if not got_startup:
-                await receive_wrapper()  # lifespan.startup
-            await send({"type": "lifespan.startup.complete"})
-            if not got_shutdown:
-                await receive_wrapper()  # lifespan.shutdown
-            finished = {"type": "lifespan.shutdown.complete"}
-    if finished is not None:
-        await send(finished)
+    try:
+        async with hub:
+            completed = False
+            try:
+                await app(scope, receive_wrapper, send_wrapper)
+            except Exception as exc:
+                if answered_startup:
+                    raise
+                if got_startup:  # it took startup and then failed: that is a startup failure
+                    logger.exception("the inner app failed during lifespan startup")
+                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                    raise
+                logger.info("the inner app does not support lifespan; asgi-events completes it")
+            else:
+                completed = answered_startup
+            if not completed:
+                if not got_startup:
+                    await receive_wrapper()  # lifespan.startup
+                await send({"type": "lifespan.startup.complete"})
+                if not got_shutdown:
+                    await receive_wrapper()  # lifespan.shutdown
+                finished = {"type": "lifespan.shutdown.complete"}
+    finally:  # (also when the inner app raises after its answer, as Starlette does)
+        if finished is not None:
+            await send(finished)
