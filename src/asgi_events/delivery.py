@@ -113,7 +113,6 @@ class Outbox:
         "batch",
         "finished",
         "sent",
-        "stalled",
     )
 
     def __init__(
@@ -143,8 +142,8 @@ class Outbox:
         self._close: Message | None = None
         self.sent = 0
         self.finished = False  # nothing more will be sent
-        self.stalled = False  # its send is stuck: its sender was replaced (see Senders)
-        self._unstick: Callable[[], None] | None = None  # cancels that stuck sender
+        # While its send is stuck (its sender was replaced, see Senders): cancels that sender.
+        self._unstick: Callable[[], None] | None = None
         self.batch = False  # asgi-events.v1.batch: everything queued goes out in one frame
 
     def push(self, message: Message) -> int:
@@ -176,6 +175,11 @@ class Outbox:
         if not self._scheduled:
             self._schedule()
         return status
+
+    @property
+    def stalled(self) -> bool:
+        """Its send is stuck: its sender was replaced and finishes its queue alone."""
+        return self._unstick is not None
 
     @property
     def pressed(self) -> bool:
@@ -420,7 +424,7 @@ class Senders:
             # Replaced while its send was stuck: it finishes this socket's queue alone.
             await outbox.drain(math.inf)
         if sender.retired:
-            outbox.stalled, outbox._unstick = False, None
+            outbox._unstick = None
         return sender.retired
 
     async def _pause(self) -> None:
@@ -448,7 +452,7 @@ class Senders:
             if box is None or seen != sender.seen:
                 sender.seen, sender.since = seen, now
             elif now - sender.since >= self._stall_timeout:
-                sender.retired = box.stalled = True
+                sender.retired = True
                 box._unstick = sender.scope.cancel
                 self._senders.discard(sender)
                 self._counters.stalled_sends += 1
