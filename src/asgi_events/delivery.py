@@ -36,7 +36,7 @@ from .types import Message, Send
 
 BATCH_BYTES = 64 * 1024  # a batch frame stops growing past this many characters
 TURN = 32  # messages a sender sends to one socket before it moves on to the next ready one
-SLICE = 0.002  # seconds the senders together may keep the event loop before others run
+SLICE = 0.001  # seconds the senders together may keep the event loop before others run
 
 # What Outbox.push reports.
 OK = 0
