@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import datetime, timezone
@@ -18,6 +17,7 @@ from .common import (
     FULL,
     IDLE_SOCKETS,
     LOAD_CPU,
+    LOAD_LOOPS,
     MODES,
     QUICK,
     QUICK_IDLE_SOCKETS,
@@ -35,8 +35,11 @@ from .common import (
     STALL_WAIT_FACTOR,
     STEADY_DURATION,
     VARIANTS,
+    default_load_loop,
+    load_loop_description,
     pin_to_cpu,
     raise_nofile,
+    run_load,
     variants_for,
     wait_for_quiet,
 )
@@ -75,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=UVICORN_WS_CHOICES,
         default="auto",
         help="uvicorn's WebSocket implementation (default: uvicorn's own choice)",
+    )
+    parser.add_argument(
+        "--load-loop",
+        choices=LOAD_LOOPS,
+        default=default_load_loop(),
+        help="the load process's event loop (default: uvloop where installed)",
     )
     parser.add_argument(
         "--quiet-wait",
@@ -177,7 +186,8 @@ def report_header(args: argparse.Namespace, pinned: str, nofile: int, digest: st
         "",
         f"`{command}` — {started}, Python {sys.version.split()[0]}, asgi-events src {digest}, "
         f"{server_description(args.server, args.uvicorn_ws)}, server on CPU {SERVER_CPU}, "
-        f"load on {pinned}, RLIMIT_NOFILE {nofile}{redis_note}"
+        f"load on {pinned} ({load_loop_description(args.load_loop)}), "
+        f"RLIMIT_NOFILE {nofile}{redis_note}"
         + (", **server under cProfile**" if args.profile else "")
         + ".",
     ]
@@ -219,7 +229,7 @@ R = TypeVar("R", RunResult, IdleResult)
 def quiet_then(args: argparse.Namespace, run: Callable[[], Coroutine[Any, Any, R]]) -> R:
     """Wait (bounded) for a quiet machine, then run; note it if the machine never was."""
     busy = wait_for_quiet(args.quiet_wait)
-    result = asyncio.run(run())
+    result = run_load(args.load_loop, run())
     if busy > QUIET:
         result.notes.append(f"machine busy before the run ({busy:.0%} of a core)")
     return result
@@ -291,21 +301,35 @@ def steady_runs(args: argparse.Namespace, variants: list[str]) -> list[RunResult
 
 
 def stalled_runs(args: argparse.Namespace, variants: list[str]) -> list[RunResult]:
-    """Per variant, a run without stalled clients, then one with (waiting a bounded multiple of
-    the first one's window)."""
+    """Per variant, pairs of runs without and with stalled clients; the order alternates from
+    pair to pair, so that a drift over an invocation favours neither side. A stalled run waits
+    a bounded multiple of the last run's window without stalled clients (the first one's: the
+    calibration run before it)."""
     results = []
     for run in range(1, args.runs + 1):
         for variant in variants:
-            base = quiet_then(args, partial(run_delivery, args.server, variant, run, args))
-            print_run(base)
-            wait = max(args.stall_min_wait, STALL_WAIT_FACTOR * base.window_s)
-            hit = quiet_then(
-                args,
-                partial(run_delivery, args.server, variant, run, args, stall=True, wait=wait),
-            )
-            print_run(hit)
+            base_run = partial(run_delivery, args.server, variant, run, args)
+            if run % 2 == 0 and (base := last_base(results, variant)) is not None:
+                hit = quiet_then(args, partial(base_run, stall=True, wait=stall_wait(args, base)))
+                print_run(hit)
+                base = quiet_then(args, base_run)
+                print_run(base)
+            else:
+                base = quiet_then(args, base_run)
+                print_run(base)
+                hit = quiet_then(args, partial(base_run, stall=True, wait=stall_wait(args, base)))
+                print_run(hit)
             results += [base, hit]
     return results
+
+
+def last_base(results: list[RunResult], variant: str) -> RunResult | None:
+    runs = [r for r in results if r.variant == variant and not r.stalled]
+    return runs[-1] if runs else None
+
+
+def stall_wait(args: argparse.Namespace, base: RunResult) -> float:
+    return max(args.stall_min_wait, STALL_WAIT_FACTOR * base.window_s)
 
 
 def idle_runs(args: argparse.Namespace, variants: list[str]) -> list[IdleResult]:

@@ -15,6 +15,7 @@ import re
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 from .common import (
     BATCH_MESSAGE,
@@ -119,8 +120,7 @@ class Client(asyncio.Protocol):
         return sum(self._seen)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
         transport.write(self._request)
 
     def connection_lost(self, exc: Exception | None) -> None:

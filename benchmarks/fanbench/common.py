@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -10,9 +11,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 HOST = "127.0.0.1"
 SERVERS = ("hypercorn-asyncio", "hypercorn-trio", "uvicorn")
@@ -153,6 +154,39 @@ def start_watchdog(limit: float) -> None:
         os._exit(3)
 
     threading.Thread(target=expire, daemon=True).start()
+
+
+# -- the load process's event loop -------------------------------------------------------------
+
+# uvloop's transports cost the load process less CPU per frame than the stdlib loop's, so that
+# it is not the limit before the raw app on uvicorn is (benchmarks/README.md).
+LOAD_LOOPS = ("uvloop", "asyncio")
+T = TypeVar("T")
+
+
+def default_load_loop() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def load_loop_description(loop: str) -> str:
+    if loop == "uvloop":
+        from importlib.metadata import version
+
+        return f"uvloop {version('uvloop')}"
+    return "stdlib asyncio loop"
+
+
+def run_load(loop: str, main: Coroutine[Any, Any, T]) -> T:
+    """Run the load process's ``main`` on ``loop``."""
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 # -- the machine, seen from the load process --------------------------------------------------
