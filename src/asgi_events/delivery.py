@@ -157,6 +157,20 @@ class Outbox:
             if message.key <= self._floor:
                 return OK  # already replayed: its live copy came late (another connection)
             self._floor = None  # delivery is in key order: nothing older can follow
+        queue = self._queue
+        # The common case, once per socket and event: far from every bound.
+        if len(queue) < self._high and (self._durable + 1) * 2 <= self._durable_limit:
+            if type(message) is DurableMessage:
+                self._durable += 1
+            if queue is _NO_QUEUE:
+                self._queue = queue = deque()
+            queue.append(message)
+            if not self._scheduled:
+                self._schedule()
+            return OK
+        return self._push_near_bounds(message)
+
+    def _push_near_bounds(self, message: Message) -> int:
         status = OK
         if self.pressed:
             status = self._relieve(message)
@@ -171,7 +185,7 @@ class Outbox:
                 status = BUSY  # half way to the durable bound: the publisher should yield too
         if self._queue is _NO_QUEUE:
             self._queue = deque()
-        self._queue.append(message)  # (_relieve may have replaced the queue)
+        self._queue.append(message)
         if not self._scheduled:
             self._schedule()
         return status
@@ -199,9 +213,11 @@ class Outbox:
             return BUSY
         if self._backlog() < self._limit:
             return OK
-        kept = deque(m for m in self._queue if type(m) is not TransientMessage)
-        self._counters.transient_shed += len(self._queue) - len(kept)
-        self._queue = kept
+        queue = self._queue
+        kept = [m for m in queue if type(m) is not TransientMessage]
+        self._counters.transient_shed += len(queue) - len(kept)
+        queue.clear()  # in place: drain() holds on to the queue while it sends
+        queue.extend(kept)
         return OK if self._backlog() < self._limit else FULL
 
     def preload(self, messages: list[Message]) -> None:
@@ -280,21 +296,24 @@ class Outbox:
     async def drain(self, turn: float) -> None:
         """Send up to ``turn`` queued messages, then the close frame if it is due. Leaves the
         outbox scheduled (its sender comes back) if more is queued."""
-        assert self._send is not None, "an outbox needs its socket's send"
-        start = self.sent
+        send = self._send
+        assert send is not None, "an outbox needs its socket's send"
+        # The queue is only ever changed in place (close() may clear it during a send).
+        queue, start = self._queue, self.sent
         try:
-            # (close() may replace or clear the queue while a send is in flight)
-            while self._queue and self.sent - start < turn:
-                if self.batch:
-                    await self._send_batch(self._send)
-                    continue
-                message = self._queue.popleft()
-                if type(message) is DurableMessage:
-                    self._durable -= 1
-                await self._send(message)
-                self.sent += 1
-            if self._close is not None and not self._queue and not self.finished:
-                await self._send(self._close)
+            if self.batch:
+                while queue and self.sent - start < turn:
+                    await self._send_batch(send)
+            else:
+                end = start + turn
+                while queue and self.sent < end:
+                    message = queue.popleft()
+                    if type(message) is DurableMessage:
+                        self._durable -= 1
+                    await send(message)
+                    self.sent += 1
+            if self._close is not None and not queue and not self.finished:
+                await send(self._close)
                 self._done(None)
         except OSError:  # some servers raise once the peer is gone; the reader sees that too
             self.abandon()
