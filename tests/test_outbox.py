@@ -223,6 +223,62 @@ async def test_a_sender_lets_other_tasks_run_when_sends_never_suspend() -> None:
     assert seen < len(sockets)  # it ran before the sender was through
 
 
+async def test_where_sends_never_suspend_all_but_two_senders_wait() -> None:
+    sockets = [Socket(suspend=False) for _ in range(40)]
+    for sock in sockets:
+        sock.outbox._send = slow(sock.send)
+    busy: list[int] = []
+    async with running(Senders(8, 60.0, Counters())) as senders:
+        for sock in sockets:
+            sock.outbox.start(senders)
+            for n in range(5):
+                sock.outbox.push(plain(n))
+        with anyio.fail_after(10):
+            while any(len(sock.sent) < 5 for sock in sockets):
+                await anyio.lowlevel.checkpoint()  # runs between two slices
+                if senders._ready:  # (not once the last sockets are being sent for)
+                    busy.append(len(senders._senders) - len(senders._idle))
+    assert all(sock.sent == [str(n) for n in range(5)] for sock in sockets)
+    assert busy[0] == 8  # all of them at first, then one sending and one watching
+    assert set(busy[len(busy) // 2 :]) == {2}
+
+
+async def test_sends_stuck_one_after_the_other_do_not_hold_up_the_others() -> None:
+    """The sending sender blocks (at socket 10's third message), then the one that took over
+    (at socket 30's): each time a watcher takes over, long before the watchdog would."""
+    sockets = [Socket(suspend=False) for _ in range(40)]
+    gate = anyio.Event()
+    for i, sock in enumerate(sockets):
+        send = slow(sock.send)
+        if i in (10, 30):
+            send = blocking_at("2", send, gate)
+        sock.outbox._send = send
+    counters = Counters()
+    async with running(Senders(8, 60.0, counters)) as senders:
+        for sock in sockets:
+            sock.outbox.start(senders)
+            for n in range(5):
+                sock.outbox.push(plain(n))
+        for i, sock in enumerate(sockets):
+            await sock.wait_for(5 if i not in (10, 30) else 2)
+        assert counters.stalled_sends == 0
+        gate.set()
+        await sockets[10].wait_for(5)
+        await sockets[30].wait_for(5)
+    assert all(sock.sent == [str(n) for n in range(5)] for sock in sockets)
+
+
+def blocking_at(
+    text: str, send: Callable[[Message], object], gate: anyio.Event
+) -> Callable[[Message], object]:
+    async def send_or_block(message: Message) -> None:
+        if message.get("text") == text:
+            await gate.wait()
+        await send(message)  # type: ignore[misc]
+
+    return send_or_block
+
+
 def slow(send: Callable[[Message], object]) -> Callable[[Message], object]:
     async def blocking_send(message: Message) -> None:
         busy_until = time.perf_counter() + 0.001  # a send that takes a while, never suspending

@@ -418,15 +418,17 @@ class Senders:
 
     async def _serve(self, sender: _Sender) -> None:
         ready, idle = self._ready, self._idle
+        park = False
         while True:
-            while not ready:
+            while park or not ready:
+                park = False
                 wake = anyio.Event()
                 idle.append(wake)
                 await wake.wait()
                 if perf_counter() >= self._deadline:  # (the loop came round meanwhile)
                     self._new_slice()
             if perf_counter() >= self._deadline:
-                await self._pause()
+                park = await self._pause()
                 continue
             if await self._turn(sender, ready.popleft()):
                 return
@@ -446,18 +448,33 @@ class Senders:
             outbox._unstick = None
         return sender.retired
 
-    async def _pause(self) -> None:
+    async def _pause(self) -> bool:
         """The slice is used up: let every other task run, and the loop poll for I/O, once.
+        True if this sender is not needed for now (it waits like an idle one).
 
         Sends that never suspend would keep everything else from running. The slice is shared:
         however many senders are busy, they send for at most ``SLICE`` between two turns of the
         event loop, so a publisher waiting for I/O (a reply from Redis) gets ahead of them and
         events pile up per socket, where they go out back to back.
+
+        Where sends never suspend, the first sender back uses up the whole next slice, and the
+        others would only wake to find it gone and yield again, each, every slice. Such a
+        sender waits with the idle ones instead while two others are neither idle nor sending:
+        one to send and one to watch. A watcher that finds a slice not used up knows the sender
+        is stuck in a send: it sends in its place and calls in another watcher.
         """
         slices = self._slices
         await anyio.lowlevel.checkpoint()
-        if self._slices == slices:  # the first sender back starts the next slice
+        first_back = self._slices == slices
+        if first_back:
             self._new_slice()
+        busy = len(self._senders) - len(self._idle)
+        watching = busy - sum(1 for sender in self._senders if sender.outbox is not None)
+        if not first_back and watching > 2 and perf_counter() >= self._deadline:
+            return True
+        if watching < 2 and self._idle and self._ready:
+            self._idle.popleft().set()
+        return False
 
     def _new_slice(self) -> None:
         self._slices += 1
