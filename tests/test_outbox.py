@@ -239,8 +239,30 @@ async def test_where_sends_never_suspend_all_but_two_senders_wait() -> None:
                 if senders._ready:  # (not once the last sockets are being sent for)
                     busy.append(len(senders._senders) - len(senders._idle))
     assert all(sock.sent == [str(n) for n in range(5)] for sock in sockets)
-    assert busy[0] == 8  # all of them at first, then one sending and one watching
-    assert set(busy[len(busy) // 2 :]) == {2}
+    assert set(busy[len(busy) // 2 :]) == {2}  # one sending, one watching (all 8 woke first)
+
+
+async def test_a_sender_woken_mid_turn_does_not_add_a_slice_to_that_turn_of_the_loop() -> None:
+    """Every send here uses up a slice: one send per turn of the event loop, however many
+    waiting senders new messages wake. Between two steps of this task lies one turn (two on
+    trio, which may run a batch of tasks in either order)."""
+    sockets = [Socket(suspend=False) for _ in range(100)]
+    late = [Socket(suspend=False) for _ in range(100)]
+    for sock in sockets + late:
+        sock.outbox._send = slow(sock.send, 0.002)
+    per_turn: list[int] = []
+    async with running(Senders(8, 60.0, Counters())) as senders:
+        for sock in sockets:
+            sock.outbox.start(senders)
+            sock.outbox.push(plain(0))
+        with anyio.fail_after(10):
+            for sock in late:  # each wakes a waiting sender, if there is one
+                sent = sum(len(s.sent) for s in sockets + late)
+                sock.outbox.start(senders)
+                sock.outbox.push(plain(0))
+                await anyio.lowlevel.checkpoint()
+                per_turn.append(sum(len(s.sent) for s in sockets + late) - sent)
+    assert max(per_turn) <= 2  # (before: every woken sender added one, up to 9 here)
 
 
 async def test_sends_stuck_one_after_the_other_do_not_hold_up_the_others() -> None:
@@ -279,9 +301,9 @@ def blocking_at(
     return send_or_block
 
 
-def slow(send: Callable[[Message], object]) -> Callable[[Message], object]:
+def slow(send: Callable[[Message], object], seconds: float = 0.001) -> Callable[[Message], object]:
     async def blocking_send(message: Message) -> None:
-        busy_until = time.perf_counter() + 0.001  # a send that takes a while, never suspending
+        busy_until = time.perf_counter() + seconds  # a send that takes a while, never suspending
         while time.perf_counter() < busy_until:
             pass
         await send(message)  # type: ignore[misc]

@@ -424,8 +424,12 @@ class Senders:
                 park = False
                 wake = anyio.Event()
                 idle.append(wake)
+                since = perf_counter()
                 await wake.wait()
-                if perf_counter() >= self._deadline:  # (the loop came round meanwhile)
+                # A slice that ended before this sender stopped has had no sending since, and
+                # the loop has come round: start afresh. One that began after may have been
+                # used up in this very turn of the loop: then this sender pauses first.
+                if self._deadline <= since:
                     self._new_slice()
             if perf_counter() >= self._deadline:
                 park = await self._pause()
