@@ -426,3 +426,46 @@ async def test_shutdown_during_a_large_replay_completes_within_its_bound(
     await wait_until(lambda: conn.state is State.CLOSED)  # its task ended too
     assert not server.stopped.is_set()
     assert formatted(server_errors) == []
+
+
+async def test_shutdown_waits_for_a_socket_closed_just_before_it(
+    serve: ServeFn, connect: Connect, http: httpx.AsyncClient
+) -> None:
+    """A displaced socket is no longer registered, but its close frame still waits behind a
+    send that its client is not reading: shutdown waits for it too, or the hub would stop (and
+    its senders with it) with that close frame never sent."""
+    hub = EventHub(users, max_connections_per_user=1, shutdown_timeout=TIMEOUT)
+    server = await start(serve, hub)
+    async with aconnect_ws(
+        server.ws_url(token="tok-alice"),
+        http,
+        queue_size=1,  # its reader stops at once
+        keepalive_ping_interval_seconds=None,
+        max_message_size_bytes=4 * 1024 * 1024,
+    ) as old:
+        (old_conn,) = conns(hub, "alice")
+        for n in range(400):  # ~26 MB: more than the socket buffers hold
+            await hub.broadcast_to_all({"type": "T", "payload": {"n": n, "pad": BIG}})
+        await wait_until(lambda: old_conn.outbox.stalled)  # a send to it is stuck
+        async with connect(server.ws_url(token="tok-alice")) as new:  # displaces the old one
+            assert old_conn.state is State.CLOSING
+            assert hub.stats()["connections_per_user"] == {"alice": 1}
+            shut = anyio.Event()
+
+            async def shutdown() -> None:
+                await hub.shutdown()
+                shut.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(shutdown)
+                assert await close_code(new) == (1001, "Server shutdown")
+                with anyio.move_on_after(0.2):  # a window in which nothing may happen
+                    await shut.wait()
+                assert not shut.is_set(), "shutdown did not wait for the closing socket"
+                frames: list[Any] = []
+                with anyio.fail_after(TIMEOUT):
+                    code = await read_until_closed(old, frames)  # reading at last
+            assert code == (1008, "Too many connections")
+            assert [f["payload"]["n"] for f in frames] == list(range(len(frames)))
+    assert not hub._live
+    await wait_until(lambda: old_conn.state is State.CLOSED)

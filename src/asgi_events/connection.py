@@ -236,7 +236,7 @@ def _sent_all(conn: Connection, hub: EventHub, error: Exception | None) -> None:
     # The close frame is out (or the peer is gone): the socket no longer counts as open. The
     # reader waits (within the close deadline) for the peer's answer: closing TCP first could
     # reset unread data.
-    hub._detach(conn)
+    hub._sent_all(conn)
     if error is not None:
         logger.error("send raised %s: the socket is dropped", type(error).__name__)
         conn.cancel_scope.cancel()

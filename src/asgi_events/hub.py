@@ -119,7 +119,10 @@ class EventHub:
         self._senders: Senders | None = None  # while the hub runs
         self._started = clock()
         self._accepting = True
-        self._emptied: anyio.Event | None = None
+        # Every socket from joining until its close frame is out (or it is gone): registered
+        # ones, and closing ones no longer registered (displaced, slow), their close queued.
+        self._live: set[Connection] = set()
+        self._emptied: anyio.Event | None = None  # set once ``_live`` is empty, during shutdown
         self._task_group: anyio.abc.TaskGroup | None = None
 
     async def broadcast(self, user_id: str, event: Event) -> None:
@@ -194,11 +197,12 @@ class EventHub:
     async def shutdown(self) -> None:
         """Close every socket with 1001 "Server shutdown" and clear the registry and buffers.
 
-        Waits up to ``shutdown_timeout`` for the sockets to close, then cancels the rest. New
+        Waits up to ``shutdown_timeout`` for every socket's close frame to go out (also that
+        of a socket closed just before, say displaced or too slow), then cancels the rest. New
         sockets are refused with 1001 until the hub is entered again (``async with hub``).
         """
         self._accepting = False
-        if len(self._registry):
+        if self._live:
             if self._emptied is None or self._emptied.is_set():
                 self._emptied = anyio.Event()
             emptied = self._emptied
@@ -206,7 +210,7 @@ class EventHub:
                 conn.close(1001, "Server shutdown")
             with anyio.move_on_after(self._shutdown_timeout):
                 await emptied.wait()
-            for conn in list(self._registry.all()):
+            for conn in list(self._live):
                 conn.cancel_scope.cancel()
         self._registry.clear()
         await self._backend.clear()
@@ -269,6 +273,7 @@ class EventHub:
             oldest.close(1008, "Too many connections")
             self._detach(oldest)
         self._registry.add(conn.user_id, conn)
+        self._live.add(conn)
         resuming = handshake.last_event_id is not None or handshake.last_event_ts is not None
         if not resuming and handshake.subprotocol is None:
             return
@@ -302,6 +307,12 @@ class EventHub:
         self._detach(conn)
 
     def _detach(self, conn: Connection) -> None:
+        """No more live events for ``conn`` (it is closing or gone)."""
         self._registry.remove(conn.user_id, conn)
-        if self._emptied is not None and not len(self._registry):
+
+    def _sent_all(self, conn: Connection) -> None:
+        """``conn``'s close frame is out, or its peer is gone: nothing more will be sent."""
+        self._detach(conn)
+        self._live.discard(conn)
+        if self._emptied is not None and not self._live:
             self._emptied.set()
