@@ -286,3 +286,15 @@ async def test_a_failed_shutdown_of_the_inner_app_reaches_the_server() -> None:
 
     sent = await drive_lifespan(EventsMiddleware(failing_shutdown, hub=EventHub(users)))
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.failed", "raised"]
+
+
+async def test_an_inner_app_still_waiting_after_its_shutdown_answer_does_not_hold_it_up() -> None:
+    async def lingering(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+        await receive()  # nothing more comes: the server would cancel it here
+
+    sent = await drive_lifespan(EventsMiddleware(lingering, hub=EventHub(users)))
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]

@@ -3,7 +3,8 @@
 The hub is entered around the inner app's lifespan and shut down on ``lifespan.shutdown``
 before the inner app hears of it (its sockets close while the app's resources still exist).
 The server is told that shutdown is complete only once the hub has stopped as well (servers
-cancel the lifespan task when they hear it).
+cancel the lifespan task when they hear it); an inner app still running once it has answered
+shutdown is cancelled then, as the server would have done.
 An inner app without lifespan support (it raises before it takes ``lifespan.startup``, or
 returns without answering it) gets the protocol completed on its behalf; one that takes
 startup and then raises has failed to start, and the server is told so.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
+
+import anyio
 
 if TYPE_CHECKING:
     from .hub import EventHub
@@ -26,6 +29,7 @@ async def run_lifespan(
 ) -> None:
     got_startup = got_shutdown = answered_startup = False
     finished: Message | None = None  # the inner app's shutdown answer
+    app_scope = anyio.CancelScope()
 
     async def receive_wrapper() -> Message:
         nonlocal got_startup, got_shutdown
@@ -44,6 +48,7 @@ async def run_lifespan(
             answered_startup = True
         elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
             finished = message  # sent once the hub has stopped
+            app_scope.cancel()  # (an app that goes on waiting must not hold the server up)
             return
         await send(message)
 
@@ -51,7 +56,8 @@ async def run_lifespan(
         async with hub:
             completed = False
             try:
-                await app(scope, receive_wrapper, send_wrapper)
+                with app_scope:
+                    await app(scope, receive_wrapper, send_wrapper)
             except Exception as exc:
                 if answered_startup:
                     raise
