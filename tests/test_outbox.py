@@ -265,32 +265,6 @@ async def test_a_sender_woken_mid_turn_does_not_add_a_slice_to_that_turn_of_the_
     assert max(per_turn) <= 2  # (before: every woken sender added one, up to 9 here)
 
 
-async def test_while_a_task_awaits_another_process_the_senders_take_shorter_slices() -> None:
-    """Sends of 0.3 ms: three or four fit in a slice, but one (two on trio, see above) between
-    two steps of this task while it is deferred to."""
-    sockets = [Socket(suspend=False) for _ in range(300)]
-    for sock in sockets:
-        sock.outbox._send = slow(sock.send, 0.0003)
-    per_turn: dict[bool, list[int]] = {False: [], True: []}
-    async with running(Senders(8, 60.0, Counters())) as senders:
-        for sock in sockets:  # one message each: a sender looks at the clock between sockets
-            sock.outbox.start(senders)
-            sock.outbox.push(plain(0))
-        with anyio.fail_after(10):
-            for turn in range(60):
-                deferred = turn >= 30
-                sent = sum(len(s.sent) for s in sockets)
-                if deferred:
-                    with senders.deferring():
-                        await anyio.lowlevel.checkpoint()
-                else:
-                    await anyio.lowlevel.checkpoint()
-                per_turn[deferred].append(sum(len(s.sent) for s in sockets) - sent)
-    assert max(per_turn[False][5:]) >= 3
-    assert max(per_turn[True][5:]) <= 2
-    assert senders._deferring == 0
-
-
 async def test_sends_stuck_one_after_the_other_do_not_hold_up_the_others() -> None:
     """The sending sender blocks (at socket 10's third message), then the one that took over
     (at socket 30's): each time a watcher takes over, long before the watchdog would."""

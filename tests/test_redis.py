@@ -425,29 +425,6 @@ async def test_heartbeats_do_not_disturb_delivery(
         assert backend["last_error"] is None
 
 
-async def test_the_senders_defer_to_a_task_awaiting_redis(
-    serve: ServeFn, connect: Connect, redis_server: RedisServer
-) -> None:
-    """Broadcasts and the replay read on connect run with the senders' shorter slices."""
-    (a,) = await nodes(serve, redis_server, n=1)
-    assert a.hub is not None and a.hub._senders is not None
-    senders, backend = a.hub._senders, redis_backend(a)
-    seen: list[int] = []
-    call = backend._call
-
-    async def watched(fn: Any, *args: Any) -> Any:
-        seen.append(senders._deferring)
-        return await call(fn, *args)
-
-    backend._call = watched  # type: ignore[method-assign]
-    async with connect(a.ws_url(token="tok-alice", lastEventTs="2000-01-01T00:00:00Z")) as ws:
-        await a.hub.broadcast("alice", {"type": "T", "payload": 1})
-        await a.hub.broadcast_to_all({"type": "ALL", "payload": 2})
-        assert [f["payload"] for f in await recv_n(ws, 2)] == [1, 2]
-    assert seen == [1, 1, 1]  # the replay, then the two broadcasts
-    assert senders._deferring == 0
-
-
 async def test_heartbeats_can_be_turned_off(
     serve: ServeFn, connect: Connect, redis_server: RedisServer
 ) -> None:

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 
@@ -38,7 +37,6 @@ from .types import Message, Send
 BATCH_BYTES = 64 * 1024  # a batch frame stops growing past this many characters
 TURN = 32  # messages a sender sends to one socket before it moves on to the next ready one
 SLICE = 0.001  # seconds the senders together may keep the event loop before others run
-SHORT_SLICE = SLICE / 4  # the same while a task awaits another process (see Senders.deferring)
 
 # What Outbox.push reports.
 OK = 0
@@ -378,7 +376,6 @@ class Senders:
         self._watch: anyio.Event | None = None  # the watchdog's wake-up, while all is quiet
         self._deadline = 0.0  # when the current slice ends (see _pause)
         self._slices = 0
-        self._deferring = 0  # tasks awaiting another process (see deferring)
         self._task_group: anyio.abc.TaskGroup | None = None
         self._counters = counters
 
@@ -483,23 +480,9 @@ class Senders:
             self._idle.popleft().set()
         return False
 
-    @contextmanager
-    def deferring(self) -> Iterator[None]:
-        """Around a task's wait for another process (a Redis reply): shorter slices meanwhile.
-
-        The reply reaches the waiting task only after a few turns of the event loop (the
-        client's reader, its future, the task), each behind a slice of sending; with shorter
-        slices a publisher gets ahead of a burst, and its events go out back to back.
-        """
-        self._deferring += 1
-        try:
-            yield
-        finally:
-            self._deferring -= 1
-
     def _new_slice(self) -> None:
         self._slices += 1
-        self._deadline = perf_counter() + (SHORT_SLICE if self._deferring else SLICE)
+        self._deadline = perf_counter() + SLICE
 
     def _retire_stalled(self) -> None:
         now = anyio.current_time()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
 from typing import Any
 
@@ -139,8 +138,7 @@ class EventHub:
         """
         started = time.perf_counter()
         fields = codec.prepare(event)
-        with self._deferring():
-            await self._backend.publish(user_id, fields, fields["type"] in self._transient)
+        await self._backend.publish(user_id, fields, fields["type"] in self._transient)
         self._counters.events_published += 1
         self._latency.observe(time.perf_counter() - started)
 
@@ -151,9 +149,7 @@ class EventHub:
         :raises BackendUnavailableError: the backend could not take it.
         """
         started = time.perf_counter()
-        text = codec.encode(codec.prepare(event))
-        with self._deferring():
-            await self._backend.publish_to_all(text)
+        await self._backend.publish_to_all(codec.encode(codec.prepare(event)))
         self._counters.events_published += 1
         self._latency.observe(time.perf_counter() - started)
 
@@ -282,8 +278,7 @@ class EventHub:
         if not resuming and handshake.subprotocol is None:
             return
         outbox.hold()
-        with self._deferring():
-            replay = await self._backend.replay(conn.user_id, handshake)
+        replay = await self._backend.replay(conn.user_id, handshake)
         if resuming:
             self._counters.reconnection_count += 1
             self._counters.replayed_events += len(replay.frames)
@@ -305,12 +300,6 @@ class EventHub:
             payload["reason"] = replay.reason
             payload["oldest"] = replay.oldest
         return text_message(codec.encode({"type": READY, "payload": payload}))
-
-    def _deferring(self) -> AbstractContextManager[None]:
-        """Around a wait for a backend in another process: the senders defer to it."""
-        if self._senders is None or isinstance(self._backend, MemoryBackend):
-            return nullcontext()  # (in memory, a publisher waits only for the senders)
-        return self._senders.deferring()
 
     def _slow_consumer(self, conn: Connection) -> None:
         self._counters.slow_consumer_closes += 1
