@@ -132,7 +132,8 @@ def draw_chart(path: Path = CHART_PATH) -> Path | None:
         dates += when
     fig.suptitle(
         f"asgi-events fan-out benchmark, {min(dates)} to {max(dates)}\n2 cores: server on "
-        "CPU 0, load on CPU 1; medians of 3 runs; * = load-bound runs (a lower bound)",
+        "CPU 0, load on CPU 1; medians of interleaved runs (how many: benchmarks/results);\n"
+        "* = load-bound runs (a lower bound)",
         fontsize=9,
     )
     fig.tight_layout()
