@@ -303,33 +303,38 @@ def steady_runs(args: argparse.Namespace, variants: list[str]) -> list[RunResult
 def stalled_runs(args: argparse.Namespace, variants: list[str]) -> list[RunResult]:
     """Per variant, pairs of runs without and with stalled clients; the order alternates from
     pair to pair, so that a drift over an invocation favours neither side. A stalled run waits
-    a bounded multiple of the last run's window without stalled clients (the first one's: the
-    calibration run before it)."""
+    a bounded multiple of the window of the latest run without stalled clients."""
     results = []
     for run in range(1, args.runs + 1):
         for variant in variants:
             base_run = partial(run_delivery, args.server, variant, run, args)
-            if run % 2 == 0 and (base := last_base(results, variant)) is not None:
-                hit = quiet_then(args, partial(base_run, stall=True, wait=stall_wait(args, base)))
-                print_run(hit)
-                base = quiet_then(args, base_run)
-                print_run(base)
-            else:
-                base = quiet_then(args, base_run)
-                print_run(base)
-                hit = quiet_then(args, partial(base_run, stall=True, wait=stall_wait(args, base)))
-                print_run(hit)
+            previous = last_base(results, variant)
+            hit_first = run % 2 == 0 and previous is not None
+            if hit_first:
+                hit = stalled_run(args, base_run, previous)
+            base = quiet_then(args, base_run)
+            print_run(base)
+            if not hit_first:
+                hit = stalled_run(args, base_run, base)
             results += [base, hit]
     return results
+
+
+def stalled_run(
+    args: argparse.Namespace,
+    base_run: Callable[..., Coroutine[Any, Any, RunResult]],
+    base: RunResult,
+) -> RunResult:
+    """``base_run`` with stalled clients, waiting a bounded multiple of ``base``'s window."""
+    wait = max(args.stall_min_wait, STALL_WAIT_FACTOR * base.window_s)
+    hit = quiet_then(args, partial(base_run, stall=True, wait=wait))
+    print_run(hit)
+    return hit
 
 
 def last_base(results: list[RunResult], variant: str) -> RunResult | None:
     runs = [r for r in results if r.variant == variant and not r.stalled]
     return runs[-1] if runs else None
-
-
-def stall_wait(args: argparse.Namespace, base: RunResult) -> float:
-    return max(args.stall_min_wait, STALL_WAIT_FACTOR * base.window_s)
 
 
 def idle_runs(args: argparse.Namespace, variants: list[str]) -> list[IdleResult]:
