@@ -1,0 +1,263 @@
+"""Several nodes on one Redis: replay buffers in Redis Streams, fan-out through Pub/Sub.
+
+Each user's buffered events are a stream, ``<prefix>:{<user>}:events``, beside a meta hash of
+its epoch and position (``storage``). One channel, ``<prefix>:events``, carries every event to
+every node. Appending an event to its stream and publishing it are one Lua script (``scripts``),
+which assigns the event's id, ``<epoch>.<stream id>``: so every node sees each user's events in
+id order. The message carries ``<user as JSON>\\n<id>\\n<text>``, where a buffered event's text
+is its encoding without the id, which the receiving node adds (``routing``; that module also
+says why nodes of the previous message format must not share a prefix with these). Each node
+proves its subscription alive with heartbeats on a channel of its own, and gets it back with
+backoff after any loss (``subscription``).
+
+Modules: ``scripts`` (the Lua source), ``routing`` (key and channel names, stream ids, the
+message format), ``storage`` (append, publish, replay), ``subscription`` (the Pub/Sub consumer,
+heartbeat watchdog, reconnection), and here ``RedisBackend``, which wires them together.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from ... import codec
+from ...errors import BackendUnavailableError
+from ...protocol import ResumePoint
+from ..base import Deliver, Lost, Replay
+from . import routing
+from .routing import UserKeys
+from .storage import Storage
+from .subscription import Health, Subscription
+
+try:
+    import coredis
+    from coredis.retry import NoRetryPolicy
+except ImportError as exc:  # pragma: no cover
+    raise ImportError("RedisBackend needs coredis: pip install 'asgi-events[redis]'") from exc
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ("RedisBackend",)
+
+logger = logging.getLogger("asgi_events")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+class RedisBackend:
+    """Buffers and fan-out in Redis, for several nodes (processes or machines) as one hub.
+
+    :param url: a Redis URL, e.g. ``redis://127.0.0.1:6379/0``.
+    :param prefix: the prefix of every key and of the channel.
+    :param timeout: seconds a publish or a replay read may take before it fails with
+        ``BackendUnavailableError`` (a socket being replayed is closed with 1012).
+    :param max_backoff: the longest wait, in seconds, between attempts to get the subscription
+        back after Redis was lost.
+    :param meta_ttl: seconds a user's epoch and position outlive their last event (a user idle
+        longer resumes into a new epoch: ``recovered: false``, reason ``epoch``).
+    :param heartbeat_interval: seconds between heartbeats: the node publishes one on a channel
+        of its own and expects it back on its subscription, which proves the subscription alive
+        end to end (a silent partition, with no error and no TCP reset, is found this way).
+        ``None`` turns heartbeats off (then only errors are noticed).
+    :param heartbeat_timeout: seconds a heartbeat may take to come back (publishing included)
+        before the subscription is treated as lost: this node's sockets are closed with 1012,
+        ``stats()["backend"]`` shows it unhealthy with ``last_error`` "heartbeat timeout ...",
+        and the subscription is made again with backoff. Defaults to ``timeout``. A silent
+        partition is noticed within ``heartbeat_interval + heartbeat_timeout`` (3 s with the
+        defaults). While other messages keep arriving the subscription is alive, only busy: a
+        heartbeat may then be late, up to five times ``heartbeat_timeout``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "asgi-events",
+        timeout: float = 2.0,
+        max_backoff: float = 5.0,
+        meta_ttl: float = 86_400.0,
+        heartbeat_interval: float | None = 1.0,
+        heartbeat_timeout: float | None = None,
+    ) -> None:
+        if heartbeat_interval is not None and not heartbeat_interval > 0:
+            raise ValueError("heartbeat_interval must be positive (or None for no heartbeat)")
+        if heartbeat_timeout is not None and not heartbeat_timeout > 0:
+            raise ValueError("heartbeat_timeout must be positive")
+        self.url = url
+        self._timeout = timeout
+        self._deliver: Deliver | None = None
+        self._lost: Lost | None = None
+        self._health = Health()
+        channel = routing.events_channel(prefix)
+        self._storage = Storage(prefix, channel, max(int(meta_ttl * 1000), 1))
+        self._subscription = Subscription(
+            self._health,
+            channel=channel,
+            heartbeat_channel=routing.heartbeat_channel(prefix, secrets.token_hex(8)),
+            max_backoff=max_backoff,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout if heartbeat_timeout is not None else timeout,
+            on_message=self._on_message,
+            lost=self._on_lost,
+        )
+
+    # -- public, read-only views (for operators and tests) ---------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """False while the subscription is down (new sockets are refused with 1012)."""
+        return self._health.healthy
+
+    @healthy.setter
+    def healthy(self, value: bool) -> None:
+        self._health.healthy = value
+
+    @property
+    def prefix(self) -> str:
+        """The prefix of every key and channel."""
+        return self._storage.prefix
+
+    @property
+    def channel(self) -> str:
+        """The channel that carries every event to every node."""
+        return self._storage.channel
+
+    def keys(self, user_id: str) -> UserKeys:
+        """The keys of ``user_id``'s data: ``.stream`` (its buffered events) and ``.meta``."""
+        return self._storage.keys(user_id)
+
+    @property
+    def heartbeats_sent(self) -> int:
+        """Heartbeats this node has sent so far (0 with ``heartbeat_interval=None``)."""
+        return self._subscription.heartbeats_sent
+
+    @property
+    def heartbeat_timeout(self) -> float:
+        """Seconds a heartbeat may take to come back; may be changed at run time (it applies
+        from the next heartbeat)."""
+        return self._subscription.heartbeat_timeout
+
+    @heartbeat_timeout.setter
+    def heartbeat_timeout(self, value: float) -> None:
+        if not value > 0:
+            raise ValueError("heartbeat_timeout must be positive")
+        self._subscription.heartbeat_timeout = value
+
+    # -- the backend contract --------------------------------------------------------------
+
+    def bind(
+        self, deliver: Deliver, lost: Lost, *, size: int, max_age: float, max_users: int | None
+    ) -> None:
+        # ``max_users`` does not apply: users' keys expire in Redis by themselves.
+        self._deliver, self._lost = deliver, lost
+        self._storage.size, self._storage.max_age_ms = size, max(int(max_age * 1000), 1)
+
+    async def start(self, task_group: TaskGroup) -> None:
+        # The client lives in a task of the hub's group (its own task group nests there).
+        # Returns once subscribed, or after the first failure (then it keeps trying).
+        await task_group.start(self._run)
+
+    async def stop(self) -> None:
+        self.healthy = False  # the hub then cancels its task group, which closes the client
+
+    async def publish(self, user_id: str, fields: dict[str, Any], transient: bool) -> None:
+        if transient:
+            message = routing.unbuffered(user_id, codec.encode(fields))
+            await self._call(self._storage.publish, message)
+        else:
+            await self._call(self._storage.append, user_id, fields)
+
+    async def publish_to_all(self, text: str) -> None:
+        await self._call(self._storage.publish, routing.unbuffered(None, text))
+
+    async def replay(self, user_id: str, resume: ResumePoint | None) -> Replay:
+        return await self._call(self._storage.replay, user_id, resume)
+
+    async def clear(self) -> None:
+        pass  # shared by every node: one node's shutdown must not empty it
+
+    def stats(self) -> dict[str, Any]:
+        health = self._health
+        return {
+            "backend": {
+                "kind": "redis",
+                "healthy": health.healthy,
+                "interruptions": health.interruptions,
+                "last_error": health.last_error,
+            }
+        }
+
+    # -- internals -------------------------------------------------------------------------
+
+    async def _run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        # The subscription has a client (a pool) of its own: a connection given up after a
+        # missed heartbeat is closed without touching commands in flight on the others, and a
+        # connection left half-subscribed after a failed attempt never carries commands. Its
+        # connect and handshake are bounded, so attempts against a frozen Redis fail in time.
+        subscriber = coredis.Redis[str].from_url(
+            self.url,
+            decode_responses=True,
+            connect_timeout=self._timeout,
+            stream_timeout=self._timeout,
+        )
+        try:
+            async with (
+                # No retries: appending is not idempotent, and a retry after a reply lost on
+                # the way could append an event twice. A failed call raises to the caller.
+                coredis.Redis[str].from_url(
+                    self.url, decode_responses=True, retry_policy=NoRetryPolicy()
+                ) as client,
+                subscriber,
+            ):
+                self._storage.attach(client)
+                try:
+                    await self._subscription.run(client, subscriber, task_status)
+                finally:
+                    self._storage.detach()
+        except BaseException as exc:
+            # Cancelled at shutdown, coredis may fail to unsubscribe on a connection it already
+            # closed (seen on trio): nothing is left to clean up, so only the cancellation goes on.
+            if not isinstance(exc, BaseExceptionGroup):
+                if isinstance(exc, Exception):
+                    logger.debug("the Redis client closed with %s", type(exc).__name__)
+                    return
+                raise
+            errors, rest = exc.split(Exception)
+            if errors is not None:
+                logger.debug("the Redis client closed with %s", errors.exceptions)
+            if rest is not None:  # only the cancellation is left: raise it bare, as it came
+                cancelled: BaseException = rest
+                while isinstance(cancelled, BaseExceptionGroup):
+                    cancelled = cancelled.exceptions[0]
+                raise cancelled from None
+
+    async def _call(
+        self, fn: Callable[_P, Awaitable[_T]], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """``fn(...)`` within ``timeout``; any failure is ``BackendUnavailableError``."""
+        try:
+            with anyio.fail_after(self._timeout):
+                return await fn(*args, **kwargs)
+        except (TimeoutError, coredis.exceptions.RedisError, OSError) as exc:
+            self._health.last_error = f"{type(exc).__name__}: {exc}"
+            raise BackendUnavailableError(f"Redis did not take the request: {exc}") from exc
+
+    async def _on_message(self, data: str) -> None:
+        published = routing.decode(data)
+        if published is None:
+            logger.warning("ignored a message on %s not published by asgi-events", self.channel)
+            return
+        assert self._deliver is not None
+        await self._deliver(published)
+
+    async def _on_lost(self) -> None:
+        assert self._lost is not None
+        await self._lost()

@@ -1,0 +1,108 @@
+"""Where things are in Redis and how events travel: key and channel names, stream ids, and the
+Pub/Sub message format.
+
+Keys, per user (one hash slot per user, so a Redis Cluster works): ``<prefix>:{<user>}:events``
+(the stream of buffered events) and ``<prefix>:{<user>}:meta`` (epoch, position, what was
+trimmed); see ``storage``. Channels: ``<prefix>:events`` carries every event to every node;
+``<prefix>:heartbeat:<node>`` carries one node's heartbeats back to itself (``subscription``).
+
+A message on ``<prefix>:events`` is three parts separated by the first two newlines::
+
+    <header>\\n<id>\\n<text>
+
+- ``header``: the user id as JSON (a string; JSON escapes newlines), or ``null`` for every
+  stream (``broadcast_to_all``);
+- ``id``: a buffered event's id, ``<epoch>.<stream id>``, written by the append script (which
+  assigns it: see ``scripts``); empty for a transient event and for ``broadcast_to_all``;
+- ``text``: the encoded event. A buffered event's text is its encoding *without* the id (as it
+  is stored in the stream): the receiving node adds the id with ``codec.with_id``, so neither
+  Lua nor Python splices JSON by hand. Other texts are complete as clients receive them.
+
+Anything else on the channel (published by someone else) is ignored with a warning.
+
+Compatibility: before this format, a buffered event's message was
+``<header>\\n<stream id>\\n<text with id>`` and the stream kept the encoding without its closing
+brace. Nodes of the two versions must not share a prefix (each would ignore the other's
+buffered events, and replay what the other stored wrongly): upgrade all nodes at once, or move
+to a new ``prefix``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import NamedTuple
+
+from ... import codec
+from ...protocol import split_id
+from ..base import Published
+
+StreamKey = tuple[int, int]
+"""A stream id's order key: (milliseconds, sequence number)."""
+
+ORIGIN = "0-0"
+"""The stream id before every event: a user's position before it has one."""
+ORIGIN_KEY: StreamKey = (0, 0)
+
+_PART_MAX = 2**64 - 1  # both parts of a stream id are unsigned 64-bit integers
+
+
+def parse_stream_id(text: str) -> StreamKey | None:
+    """A stream id's order key; None if ``text`` is not a stream id Redis would take."""
+    ms, dash, n = text.partition("-")
+    if not (dash and ms.isascii() and ms.isdigit() and n.isascii() and n.isdigit()):
+        return None
+    if len(ms) > 20 or len(n) > 20:
+        return None
+    key = int(ms), int(n)
+    return key if max(key) <= _PART_MAX else None
+
+
+class UserKeys(NamedTuple):
+    """The keys of one user's data."""
+
+    stream: str
+    """The stream of buffered events."""
+    meta: str
+    """The hash of epoch, newest id, newest trimmed id and why."""
+
+
+def user_keys(prefix: str, user_id: str) -> UserKeys:
+    tag = f"{prefix}:{{{user_id}}}"
+    return UserKeys(f"{tag}:events", f"{tag}:meta")
+
+
+def events_channel(prefix: str) -> str:
+    return f"{prefix}:events"
+
+
+def heartbeat_channel(prefix: str, node: str) -> str:
+    return f"{prefix}:heartbeat:{node}"
+
+
+def header(user_id: str | None) -> str:
+    """A message's first part: whose streams get it."""
+    return json.dumps(user_id)
+
+
+def unbuffered(user_id: str | None, text: str) -> str:
+    """The message of a transient event (``user_id``) or a ``broadcast_to_all`` (None)."""
+    return f"{header(user_id)}\n\n{text}"
+
+
+def decode(data: str) -> Published | None:
+    """The event a message carries; None if it is not a message of this format."""
+    head, _, rest = data.partition("\n")
+    event_id, _, text = rest.partition("\n")
+    try:
+        user_id = json.loads(head)
+    except (ValueError, RecursionError):
+        return None
+    if not (user_id is None or isinstance(user_id, str)) or not text:
+        return None
+    if not event_id:
+        return Published(user_id, text)
+    parts = split_id(event_id)
+    key = parse_stream_id(parts[1]) if parts is not None else None
+    if user_id is None or key is None or not text.endswith("}"):
+        return None
+    return Published(user_id, codec.with_id(text, event_id), event_id, key)

@@ -1,0 +1,151 @@
+"""Reading and writing a user's events in Redis: append (and publish), publish, replay.
+
+A user's stream ``<prefix>:{<user>}:events`` holds its buffered events, trimmed to the buffer's
+size (``MAXLEN``) and age (``MINID``, by Redis' own clock), expiring ``max_age`` after the last
+event. Each entry holds the event's encoding without ``id`` (field ``b``) and its own timestamp
+(``t``, for ``lastEventTs``). An event's id is ``<epoch>.<stream id>``: the stream id orders it,
+the epoch tells the data set apart.
+
+The user's meta hash ``<prefix>:{<user>}:meta`` holds the epoch (a random token), the newest
+id, and the newest id trimmed away and why; it outlives the stream by ``meta_ttl``. When Redis
+loses the data (a restart without persistence, a flush), the epoch changes with it, so ids of
+the lost data set are recognised as foreign, never misread.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ... import codec
+from ...protocol import GapReason, ResumePoint, make_id
+from ..base import Published, Replay
+from . import routing, scripts
+from .routing import ORIGIN, ORIGIN_KEY, StreamKey, UserKeys, parse_stream_id
+
+if TYPE_CHECKING:
+    import coredis
+    from coredis.commands.script import Script
+
+
+class Storage:
+    """One node's access to the shared data, through a command client it is attached to.
+
+    :param prefix: the prefix of every key.
+    :param channel: the channel every event is published on.
+    :param meta_ttl_ms: milliseconds a user's meta hash outlives its last event.
+    """
+
+    def __init__(self, prefix: str, channel: str, meta_ttl_ms: int) -> None:
+        self.prefix = prefix
+        self.channel = channel
+        self.size = 200
+        """Events kept per user (``MAXLEN``)."""
+        self.max_age_ms = 300_000
+        """Milliseconds an event is kept (``MINID``, and the stream's expiry)."""
+        self._meta_ttl_ms = meta_ttl_ms
+        self._client: coredis.Redis[str] | None = None
+        self._append: Script[str] | None = None
+        self._replay: Script[str] | None = None
+
+    def attach(self, client: coredis.Redis[str]) -> None:
+        """Use ``client`` for every command from now on (until ``detach``)."""
+        self._client = client
+        self._append = client.register_script(scripts.APPEND)
+        self._replay = client.register_script(scripts.REPLAY)
+
+    def detach(self) -> None:
+        self._client = self._append = self._replay = None
+
+    def keys(self, user_id: str) -> UserKeys:
+        return routing.user_keys(self.prefix, user_id)
+
+    async def append(self, user_id: str, fields: dict[str, Any]) -> None:
+        """Buffer an event and publish it, in one script (which assigns its id)."""
+        timestamp = fields.get("timestamp")
+        args: list[str | int] = [
+            self.size,
+            self.max_age_ms,
+            self._meta_ttl_ms,
+            codec.encode(fields),
+            timestamp if isinstance(timestamp, str) else "",
+            self.channel,
+            routing.header(user_id),
+            secrets.token_hex(8),
+        ]
+        await _running(self._append)(keys=list(self.keys(user_id)), args=args)
+
+    async def publish(self, message: str) -> None:
+        """Publish a message that is not buffered (see ``routing.unbuffered``)."""
+        if self._client is None:
+            raise _not_running()
+        await self._client.publish(self.channel, message)
+
+    async def replay(self, user_id: str, resume: ResumePoint | None) -> Replay:
+        """The user's position and what follows ``resume`` (see ``backends.base``)."""
+        mode, client_epoch, after = "none", "", ORIGIN
+        since: datetime | None = None
+        if resume is not None and resume.since is not None:
+            mode, since = "all", resume.since
+        elif resume is not None and resume.epoch and parse_stream_id(resume.offset or ""):
+            mode, client_epoch, after = "after", resume.epoch, resume.offset or ORIGIN
+        elif resume is not None:  # invalid, or an offset that is not a stream id
+            mode = "bad"
+        args: list[str | int] = [mode if mode != "bad" else "none", client_epoch, after]
+        args += [self.max_age_ms, secrets.token_hex(8), self._meta_ttl_ms]
+        reply: Any = await _running(self._replay)(keys=list(self.keys(user_id)), args=args)
+        epoch, last, trimmed, why = (str(part) for part in reply[:4])
+        last_key = parse_stream_id(last) or ORIGIN_KEY
+        trimmed_key = parse_stream_id(trimmed) or ORIGIN_KEY
+        reason: GapReason = "expired" if why == "expired" else "evicted"
+        position, oldest = make_id(epoch, last), make_id(epoch, trimmed)
+        events = [
+            _published(user_id, epoch, stream_id, body)
+            for stream_id, body, timestamp in _entries(reply[4])
+            if since is None or codec.timestamp_after(timestamp, since)
+        ]
+        if mode == "bad":
+            return Replay([], position, last_key, False, "unknown", oldest)
+        if mode == "after":
+            after_key = parse_stream_id(after) or ORIGIN_KEY
+            if client_epoch != epoch:
+                return Replay(events, position, last_key, False, "epoch", oldest)
+            if after_key > last_key:
+                return Replay([], position, last_key, False, "unknown", oldest)
+            if after_key < trimmed_key:
+                return Replay(events, position, last_key, False, reason, oldest)
+        # By time: a trimmed event's stream id carries when it was added (Redis' clock).
+        if since is not None and trimmed_key != ORIGIN_KEY and _added_after(trimmed_key, since):
+            return Replay(events, position, last_key, False, reason, oldest)
+        return Replay(events, position, last_key)
+
+
+def _entries(reply: Any) -> list[tuple[str, str, str]]:
+    """XRANGE's reply as (stream id, encoded event without id, its timestamp) triples."""
+    found = []
+    for entry in reply:
+        values = [str(value) for value in entry[1]]
+        fields = dict(zip(values[::2], values[1::2], strict=False))
+        found.append((str(entry[0]), fields.get("b", ""), fields.get("t", "")))
+    return found
+
+
+def _published(user_id: str, epoch: str, stream_id: str, body: str) -> Published:
+    event_id = make_id(epoch, stream_id)
+    key = parse_stream_id(stream_id) or ORIGIN_KEY
+    return Published(user_id, codec.with_id(body, event_id), event_id, key)
+
+
+def _added_after(key: StreamKey, since: datetime) -> bool:
+    return key[0] > since.timestamp() * 1000
+
+
+def _running(script: Script[str] | None) -> Script[str]:
+    if script is None:
+        raise _not_running()
+    return script
+
+
+def _not_running() -> OSError:
+    return OSError("the Redis backend is not running (is the hub entered?)")

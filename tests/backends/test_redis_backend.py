@@ -1,0 +1,196 @@
+"""What is particular to ``RedisBackend``, driven directly (no hub): several nodes, the message
+format on the channel and in the stream, foreign messages, losing Redis, the public names."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import coredis
+import pytest
+
+from asgi_events import BackendUnavailableError, codec
+from asgi_events.backends.base import Published
+from asgi_events.backends.redis import RedisBackend
+from asgi_events.backends.redis.routing import UserKeys, decode, unbuffered
+
+from ..support.backends import TIMEOUT, Node, Subject, epoch_of, point
+from ..support.redis_server import RedisServer
+
+
+def redis(node: Node) -> RedisBackend:
+    assert isinstance(node.backend, RedisBackend)
+    return node.backend
+
+
+async def test_two_nodes_deliver_one_order(redis_server: RedisServer) -> None:
+    subject, total = Subject("redis", redis_server), 40
+    async with subject.node(size=1000) as a, subject.node(size=1000) as b:
+        async with anyio.create_task_group() as tg:
+            for node in (a, b):
+
+                async def publish(node: Node = node) -> None:
+                    for n in range(total):
+                        await node.publish("alice", [node is a, n])
+
+                tg.start_soon(publish)
+        events = {}
+        for node in (a, b):
+            delivered = await node.settle()
+            events[node is a] = [p for p in delivered if p.user_id is not None]
+        replay = await b.replay("alice", point(f"{epoch_of(events[True][0].id or '')}.0-0"))
+    assert events[True] == events[False] and len(events[True]) == 2 * total
+    keys = [p.key for p in events[True]]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    assert replay.events == events[True] and replay.recovered is True
+    for mine in (True, False):  # each node's own events stay in its order
+        payloads = [json.loads(p.text)["payload"] for p in events[True]]
+        assert [n for by_a, n in payloads if by_a is mine] == list(range(total))
+
+
+async def test_the_message_and_the_stream_carry_the_event_without_its_id(
+    redis_server: RedisServer,
+) -> None:
+    subject = Subject("redis", redis_server)
+    everyone = codec.encode(codec.prepare({"type": "ALL"}))
+    async with (
+        subject.node() as node,
+        coredis.Redis.from_url(redis_server.url, decode_responses=True) as client,
+        client.pubsub(channels=[redis(node).channel], ignore_subscribe_messages=True) as pubsub,
+    ):
+        buffered = await node.publish("alice", "é\n}")
+        transient = await node.publish("alice", 1, transient=True)
+        await node.backend.publish_to_all(everyone)
+        messages: list[str] = []
+        with anyio.fail_after(TIMEOUT):
+            async for message in pubsub:
+                messages.append(str(message["data"]))
+                if len(messages) == 3:
+                    break
+        delivered = await node.settle()
+        entries = await client.xrange(redis(node).keys("alice").stream)
+    event_id = delivered[0].id
+    assert event_id is not None
+    assert messages == [
+        f'"alice"\n{event_id}\n{codec.encode(buffered)}',
+        f'"alice"\n\n{codec.encode(transient)}',
+        f"null\n\n{everyone}",
+    ]
+    assert [decode(message) for message in messages] == delivered
+    (entry,) = entries
+    assert event_id.endswith(f".{entry.identifier!s}")
+    assert dict(entry.field_values) == {"b": codec.encode(buffered), "t": buffered["timestamp"]}
+
+
+def test_routing_decodes_only_its_own_messages() -> None:
+    body = '{"type":"T"}'
+    assert decode('"alice"\ne1.5-0\n' + body) == Published(
+        "alice", '{"type":"T","id":"e1.5-0"}', "e1.5-0", (5, 0)
+    )
+    assert decode(unbuffered("alice", body)) == Published("alice", body)
+    assert decode(unbuffered(None, body)) == Published(None, body)
+    assert decode(unbuffered("a\nb", body)) == Published("a\nb", body)
+    for junk in [
+        "",
+        "hello",
+        "42\n1-0\n{}",
+        '"alice"\nnot-an-id\n{}',
+        "[1]\n\n{}",
+        '"alice"\n\n',
+        '"alice"\n5-0\n{"type":"T","id":"e1.5-0"}',  # the previous format: no epoch
+        'null\ne1.5-0\n{"type":"T"}',  # a broadcast has no id
+        '"alice"\ne1.5-0\n[1]',  # not an object
+        '"alice"\ne1.99999999999999999999-0\n{}',
+        "[" * 100_000 + "\n\n{}",
+    ]:
+        assert decode(junk) is None, junk
+
+
+async def test_foreign_messages_on_the_channel_are_ignored(redis_server: RedisServer) -> None:
+    subject = Subject("redis", redis_server)
+    async with (
+        subject.node() as node,
+        coredis.Redis.from_url(redis_server.url, decode_responses=True) as client,
+    ):
+        for junk in ["", "hello", "42\n1-0\n{}", '"alice"\n5-0\n{"type":"T","id":"e.5-0"}']:
+            await client.publish(redis(node).channel, junk)
+        await node.publish("alice", "still here")
+        delivered = await node.settle()
+    assert [json.loads(p.text)["payload"] for p in delivered] == ["still here"]
+    assert node.losses == 0 and redis(node).stats()["backend"]["interruptions"] == 0
+
+
+async def test_the_public_names(redis_server: RedisServer) -> None:
+    subject = Subject("redis", redis_server)
+    async with subject.node(heartbeat_interval=0.01) as node:
+        backend = redis(node)
+        assert backend.prefix == subject.prefix
+        assert backend.channel == f"{subject.prefix}:events"
+        tag = f"{subject.prefix}:{{alice}}"
+        assert backend.keys("alice") == UserKeys(f"{tag}:events", f"{tag}:meta")
+        await node.publish("alice", 1)
+        await node.publish("alice", 2, transient=True)
+        await node.settle()
+        async with coredis.Redis.from_url(redis_server.url, decode_responses=True) as client:
+            assert await client.xlen(backend.keys("alice").stream) == 1  # not the transient
+            assert await client.hget(backend.keys("alice").meta, "l") is not None
+        with anyio.fail_after(TIMEOUT):  # heartbeats go round (no event to wait on: poll)
+            while backend.heartbeats_sent < 3:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        assert backend.heartbeat_timeout == 2.0  # ``timeout`` by default
+        backend.heartbeat_timeout = 0.7
+        assert backend.heartbeat_timeout == 0.7
+        with pytest.raises(ValueError, match="heartbeat_timeout"):
+            backend.heartbeat_timeout = 0
+        stats = backend.stats()["backend"]
+        assert stats == {"kind": "redis", "healthy": True, "interruptions": 0, "last_error": None}
+    async with subject.node(heartbeat_interval=None) as quiet:
+        await quiet.publish("alice", 3)
+        await quiet.settle()
+        assert redis(quiet).heartbeats_sent == 0
+
+
+async def test_not_running_or_not_answering_is_unavailable(own_redis: RedisServer) -> None:
+    backend = RedisBackend(own_redis.url, timeout=0.5, heartbeat_interval=None)
+    with pytest.raises(BackendUnavailableError):
+        await backend.publish("alice", codec.prepare({"type": "T"}), False)
+    with pytest.raises(BackendUnavailableError):
+        await backend.replay("alice", None)
+    assert backend.stats()["backend"]["healthy"] is False
+    subject = Subject("redis", own_redis)
+    async with subject.node(timeout=0.5, heartbeat_interval=None) as node:
+        own_redis.pause()
+        try:
+            with anyio.fail_after(0.5 + 2), pytest.raises(BackendUnavailableError):
+                await node.publish("alice", "frozen")
+            with anyio.fail_after(0.5 + 2), pytest.raises(BackendUnavailableError):
+                await node.replay("alice")
+        finally:
+            own_redis.resume()
+        # (a timeout, or a new connection that could not be made in time)
+        assert redis(node).stats()["backend"]["last_error"] is not None
+
+
+async def test_redis_lost_and_back_is_a_new_epoch(own_redis: RedisServer) -> None:
+    subject = Subject("redis", own_redis)
+    async with subject.node(timeout=1.0) as node:
+        await node.publish("alice", "before")
+        (before,) = await node.settle()
+        own_redis.stop()
+        while node.losses == 0:
+            await node.changed()
+        assert node.losses == 1 and node.backend.healthy is False
+        with anyio.fail_after(TIMEOUT), pytest.raises(BackendUnavailableError):
+            await node.publish("alice", "lost")
+        own_redis.start()  # without its data
+        with anyio.fail_after(TIMEOUT):  # it subscribes again by itself (no event: poll)
+            while not node.backend.healthy:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        await node.publish("alice", "after")
+        after = [p for p in await node.settle() if p.user_id is not None][-1]
+        replay = await node.replay("alice", point(before.id or ""))
+        stats = redis(node).stats()["backend"]
+    assert epoch_of(after.id or "") != epoch_of(before.id or "")
+    assert replay.events == [after] and (replay.recovered, replay.reason) == (False, "epoch")
+    assert stats["interruptions"] == 1 and stats["healthy"] is True
+    assert stats["last_error"] is not None
