@@ -8,13 +8,14 @@ What is timed (see ``benchmarks/MICRO.md``)::
     .venv/bin/python benchmarks/micro.py --profile        # also cProfile one broadcast round
 
 1. Fan-out: an ``EventHub`` (memory backend, default queue and buffer sizes) with 10,000
-   sockets registered through the real ``hub._attach``, built the way ``connection.serve``
-   builds them (``Outbox`` + ``Connection``, ``asgi-events.v1`` subprotocol, so each socket
-   also gets its ready message queued, which is drained before timing). No writer task runs:
+   sockets registered through the real ``hub.streams.attach``, built the way
+   ``transports.websocket.serve`` builds them (``hub.streams.create``: a ``Stream`` and its
+   ``Outbox``, ``asgi-events.v1`` subprotocol, so each socket also gets its ready message
+   queued, which is drained before timing). No writer task runs:
    a round times only ``await hub.broadcast_to_all(event)`` / ``await hub.broadcast(user,
    event)`` calls, i.e. validation, encoding, buffering and one ``Outbox.push`` per socket.
    Between rounds (untimed) every outbox is drained through the real writer loop
-   (``Outbox._drain``) into a fake ``send`` that counts messages; the count must equal the
+   (``Outbox.drain``) into a fake ``send`` that counts messages; the count must equal the
    sockets reached x events, and no outbox may have reached its high-water mark (so the
    publisher never yielded and nothing was shed or closed).
 2. Resume: ``ReplayLog.since_id`` on one user's log of n events, for a resume point a few
@@ -50,12 +51,12 @@ from typing import Any
 import anyio
 
 from asgi_events import codec
-from asgi_events.auth import SUBPROTOCOL, Handshake
 from asgi_events.buffer import ReplayLog
-from asgi_events.connection import Connection, State
-from asgi_events.delivery import Outbox, durable_message, text_message
 from asgi_events.hub import EventHub
+from asgi_events.outbox import Outbox
 from asgi_events.stats import Counters
+from asgi_events.stream import State
+from asgi_events.transports.websocket import WIRE
 from asgi_events.types import Message, Principal
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -134,24 +135,20 @@ async def make_hub(sockets: int, one_user: bool) -> tuple[EventHub, list[Outbox]
     ``buffer_size=200``); ``run_round`` checks they are never approached.
     """
     hub = EventHub(verify_token, max_connections_per_user=max(sockets, 1))
-    settings = hub._settings
+    streams, socket = hub.streams, FakeSocket()
     outboxes: list[Outbox] = []
     users: list[str] = []
     for i in range(sockets):
         user = "user-0" if one_user else f"user-{i}"
-        handshake = Handshake(
-            token=user, last_event_id=None, last_event_ts=None, subprotocol=SUBPROTOCOL, origin=None
-        )
-        # As connection.serve does it, minus the socket: outbox, connection, attach, accept.
-        outbox = Outbox(settings.send_queue_size, settings.durable_limit, hub._counters)
-        conn = Connection(Principal(user), handshake, hub._counters)
-        conn.outbox = outbox
-        await hub._attach(conn)
-        conn.to(State.OPEN)
-        outboxes.append(outbox)
+        # As transports.websocket.serve does it for an asgi-events.v1 client, minus the socket:
+        # stream and outbox, attach, accept (never started: no writer, no sender).
+        stream = streams.create(Principal(user), WIRE, socket.send, control=True)
+        await streams.attach(stream)
+        stream.to(State.OPEN)
+        outboxes.append(stream.outbox)
         if not users or users[-1] != user:
             users.append(user)
-    assert len(hub._registry) == sockets, "a socket was displaced"
+    assert len(streams.all()) == sockets, "a socket was displaced"
     await drain(outboxes, FakeSocket())  # the ready messages
     return hub, outboxes, users
 
@@ -160,7 +157,7 @@ async def drain(outboxes: list[Outbox], socket: FakeSocket) -> int:
     """Run each outbox's writer loop until its queue is empty; the messages sent."""
     before = socket.received
     for box in outboxes:
-        box._send = socket.send  # (as a sender would: everything queued, in one go)
+        box.send = socket.send  # (as a sender would: everything queued, in one go)
         await box.drain(math.inf)
     return socket.received - before
 
@@ -202,7 +199,7 @@ async def run_round(
         profile.disable()
     if any(box.pressed for box in outboxes):
         raise RuntimeError("an outbox reached its high-water mark: fewer events per round")
-    if hub._counters.slow_consumer_closes:
+    if hub.streams.counters.slow_consumer_closes:
         raise RuntimeError("a socket was closed as a slow consumer")
     queued = await drain(outboxes, FakeSocket())
     if queued != expected:
@@ -317,19 +314,25 @@ def pieces(sizes: Sizes) -> tuple[list[tuple[str, float]], str]:
     ]
     counters = Counters()
     for label, message in (
-        ("plain (broadcast_to_all)", text_message(frame)),
-        ("durable (broadcast)", durable_message(frame, 123456)),
+        ("plain (broadcast_to_all)", WIRE.event(frame, None, None, False)),
+        ("durable (broadcast)", WIRE.event(frame, fields["id"], 123456, False)),
     ):
-        boxes = [Outbox(1024, 100, counters) for _ in range(sizes.pushes)]
+
+        def empty_boxes() -> list[Outbox]:
+            # Never started, with an empty queue (preload of nothing): as a writer leaves them.
+            boxes = [Outbox(1024, 100, counters, WIRE) for _ in range(sizes.pushes)]
+            for box in boxes:
+                box.preload([])
+            return boxes
+
+        boxes = empty_boxes()
 
         def push(boxes: list[Outbox] = boxes, message: Message = message) -> None:
             for box in boxes:
                 box.push(message)
 
         def empty(boxes: list[Outbox] = boxes) -> None:
-            for box in boxes:  # what the writer would do: pop every message
-                box._queue.clear()
-                box._durable = 0
+            boxes[:] = empty_boxes()  # what the writer would leave: nothing queued
 
         seconds = median_time(push, sizes.repeat, after=empty) / sizes.pushes
         results.append((f"Outbox.push, {label}, one push into each of {sizes.pushes:,}", seconds))

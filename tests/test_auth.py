@@ -5,7 +5,8 @@ from typing import Any
 import pytest
 
 from asgi_events import Principal
-from asgi_events.auth import SUBPROTOCOL, normalize_origin, parse_handshake, verify
+from asgi_events.auth import normalize_origin, parse_handshake, verify
+from asgi_events.protocol import SUBPROTOCOL
 
 
 def scope(query: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None, **kw: Any) -> Any:

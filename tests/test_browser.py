@@ -31,7 +31,7 @@ from asgi_events import EventHub, EventsMiddleware
 from asgi_events.types import Receive, Scope, Send
 from examples import demo
 
-from .conftest import QUIET, TIMEOUT, Connect, ServeFn, users
+from .support.server import QUIET, TIMEOUT, Connect, ServeFn, users
 
 FLAGS = [
     "--headless",

@@ -27,7 +27,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asgi_events.buffer import _BUCKETS, ReplayLog, Resume
+from asgi_events.buffer import FORGOTTEN_BUCKETS, ReplayLog, Resume
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 EPOCH = "ep0ch"
@@ -51,7 +51,7 @@ MALFORMED = [
 
 def bucket(user: str) -> int:
     """The hash bucket ReplayLog remembers a dropped log of ``user`` under (see buffer.py)."""
-    return hash(user) & (_BUCKETS - 1)
+    return hash(user) & (FORGOTTEN_BUCKETS - 1)
 
 
 def twin_of(user: str) -> str:

@@ -29,7 +29,7 @@ from asgi_events.client import (
 )
 from asgi_events.types import Message, Receive, Scope, Send
 
-from .conftest import TIMEOUT, ServeFn, Server, _run, _signal_startup, http_app, users
+from .support.server import TIMEOUT, ServeFn, Server, http_app, run_server, signal_startup, users
 
 FAST: dict[str, Any] = {"initial_delay": 0.02, "max_delay": 0.1, "ping_interval": None}
 PAD = "x" * 32768
@@ -67,9 +67,9 @@ async def serve_on(port: int, hub: EventHub, backend: str) -> AsyncIterator[Serv
     cfg.bind = [f"fd://{sock.detach()}"]
     cfg.graceful_timeout = 0.2
     cfg.accesslog = cfg.errorlog = None
-    app = _signal_startup(EventsMiddleware(http_app, hub=hub), server.started)
+    app = signal_startup(EventsMiddleware(http_app, hub=hub), server.started)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_run, backend, app, cfg, server)
+        tg.start_soon(run_server, backend, app, cfg, server)
         with anyio.fail_after(TIMEOUT):
             await server.started.wait()
         try:

@@ -11,7 +11,7 @@ from httpx_ws import WebSocketDisconnect, WebSocketUpgradeError
 
 from asgi_events import EventHub, InvalidEventError
 
-from .conftest import Connect, ServeFn, assert_silent, close_code, recv, recv_n, users
+from .support.server import Connect, ServeFn, assert_silent, close_code, recv, recv_n, users
 
 JOB_TYPES = ["JOB_STARTED", "JOB_PROGRESS", "JOB_COMPLETED", "JOB_FAILED"]
 

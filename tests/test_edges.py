@@ -11,7 +11,7 @@ import pytest
 
 from asgi_events import EventHub
 
-from .conftest import Connect, ServeFn, close_code, record_close, recv, users
+from .support.server import Connect, ServeFn, close_code, record_close, recv, users
 
 CANARY = "tok-CANARY-7f3a9"
 

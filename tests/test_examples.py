@@ -8,7 +8,7 @@ import pytest
 
 from asgi_events import EventHub
 
-from .conftest import Connect, ServeFn, recv
+from .support.server import Connect, ServeFn, recv
 
 
 @pytest.mark.parametrize(

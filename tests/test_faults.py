@@ -19,9 +19,9 @@ import pytest
 from httpx_ws import AsyncWebSocketSession, WebSocketDisconnect, aconnect_ws
 
 from asgi_events import EventHub
-from asgi_events.connection import Connection, State
+from asgi_events.stream import State, Stream
 
-from .conftest import TIMEOUT, Connect, ServeFn, Server, close_code, recv, recv_n, users
+from .support.server import TIMEOUT, Connect, ServeFn, Server, close_code, recv, recv_n, users
 
 V1 = ["asgi-events.v1"]
 BIG = "x" * 65536
@@ -80,8 +80,8 @@ async def wait_until(predicate: Callable[[], bool]) -> None:
             await anyio.sleep(0.005)
 
 
-def conns(hub: EventHub, user: str) -> list[Connection]:
-    return list(hub._registry.of(user))
+def conns(hub: EventHub, user: str) -> list[Stream]:
+    return list(hub.streams.of(user))
 
 
 def payloads(frames: list[Any]) -> list[Any]:
@@ -135,7 +135,7 @@ async def test_a_tcp_reset_mid_send_harms_neither_the_server_nor_other_sockets(
                 await hub.broadcast("alice", {"type": "T", "payload": {"n": n, "pad": BIG}})
                 await hub.broadcast("bob", {"type": "T", "payload": {"n": n}})
             assert payloads(await recv_n(victim, 5)) == [0, 1, 2, 3, 4]
-            assert victim_conn.outbox._queue, "the burst was no longer being sent"
+            assert victim_conn.outbox.queued, "the burst was no longer being sent"
             await reset(victim)
         await wait_until(lambda: victim_conn.state is State.CLOSED)
         assert hub.stats()["connections_per_user"] == {"alice": 1, "bob": 1}
@@ -164,7 +164,7 @@ async def test_a_tcp_reset_mid_replay_harms_neither_the_server_nor_other_sockets
         async with connect(server.ws_url(token="tok-alice", lastEventTs=PAST)) as victim:
             victim_conn = conns(hub, "alice")[1]
             await wait_until(lambda: victim_conn.outbox.sent > 0)  # the replay is being sent
-            assert victim_conn.outbox._queue, "the replay was no longer being sent"
+            assert victim_conn.outbox.queued, "the replay was no longer being sent"
             await reset(victim)  # before reading anything
         await wait_until(lambda: victim_conn.state is State.CLOSED)
         assert hub.stats()["connections_per_user"] == {"alice": 1, "bob": 1}
@@ -199,7 +199,7 @@ async def test_a_stalled_reader_is_closed_with_1013_and_every_queue_stays_bounde
     that never waits). Queue lengths are sampled after every broadcast.
     """
     hub = EventHub(users)  # the defaults: 1024 messages queued, 100 buffered events queued
-    limit, durable_limit = hub._settings.send_queue_size, hub._settings.durable_limit
+    limit, durable_limit = hub.streams.settings.send_queue_size, hub.streams.settings.durable_limit
     server = await start(serve, hub)
     window, after = 32, 50
     healthy = ["alice2", "bob", "carol"]
@@ -227,14 +227,14 @@ async def test_a_stalled_reader_is_closed_with_1013_and_every_queue_stays_bounde
         connect(server.ws_url(token="tok-bob")) as bob,
         connect(server.ws_url(token="tok-carol")) as carol,
     ):
-        named = dict(zip(["stalled", *healthy], hub._registry.all(), strict=True))
+        named = dict(zip(["stalled", *healthy], hub.streams.all(), strict=True))
         stalled_conn = named["stalled"]
 
         def sample() -> None:
             for name, conn in named.items():
                 box = conn.outbox
-                peak_queue[name] = max(peak_queue.get(name, 0), len(box._queue))
-                peak_durable[name] = max(peak_durable.get(name, 0), box._durable)
+                peak_queue[name] = max(peak_queue.get(name, 0), len(box.queued))
+                peak_durable[name] = max(peak_durable.get(name, 0), box.durable)
 
         async with anyio.create_task_group() as tg:
             for ws, name in zip([alice2, bob, carol], healthy, strict=True):
@@ -262,8 +262,8 @@ async def test_a_stalled_reader_is_closed_with_1013_and_every_queue_stays_bounde
         assert transients == {"alice2": n, "bob": 0, "carol": 0}
         assert hub.stats()["slow_consumer_closes"] == 1
         assert hub.stats()["connections_per_user"] == {"alice": 1, "bob": 1, "carol": 1}
-        assert stalled_conn not in hub._registry.all()
-        assert not stalled_conn.outbox._queue  # dropped at the close
+        assert stalled_conn not in hub.streams.all()
+        assert not stalled_conn.outbox.queued  # dropped at the close
         # The documented bounds held everywhere, and the stalled queue did reach the durable one.
         assert max(peak_queue.values()) <= limit
         assert max(peak_durable.values()) <= durable_limit
@@ -416,7 +416,7 @@ async def test_shutdown_during_a_large_replay_completes_within_its_bound(
     ):
         (conn,) = conns(hub, "alice")
         await wait_until(lambda: conn.outbox.sent > 0)  # the replay is being sent
-        assert conn.outbox._queue, "the replay was no longer being sent"
+        assert conn.outbox.queued, "the replay was no longer being sent"
         with anyio.fail_after(shutdown_timeout + 1.0):
             await hub.shutdown()
         stats = hub.stats()
@@ -467,5 +467,5 @@ async def test_shutdown_waits_for_a_socket_closed_just_before_it(
                     code = await read_until_closed(old, frames)  # reading at last
             assert code == (1008, "Too many connections")
             assert [f["payload"]["n"] for f in frames] == list(range(len(frames)))
-    assert not hub._live
+    assert hub.streams.live == 0
     await wait_until(lambda: old_conn.state is State.CLOSED)

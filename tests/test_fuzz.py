@@ -40,7 +40,7 @@ from wsproto.utilities import LocalProtocolError
 from asgi_events import EventHub, EventsMiddleware
 from asgi_events.types import ASGIApp, Receive, Scope, Send
 
-from .conftest import Connect, ServeFn, Server, http_app
+from .support.server import Connect, ServeFn, Server, http_app
 
 SEED = 20260107
 CASES = 60

@@ -1,6 +1,6 @@
 """The interop matrix: every (server, app) cell connects, receives a broadcast, and resumes.
 
-Apps (tests/interop_apps.py): bare ASGI, Starlette, FastAPI, Litestar, Quart, Django.
+Apps (tests/support/interop_apps.py): bare ASGI, Starlette, FastAPI, Litestar, Quart, Django.
 Servers: hypercorn's asyncio and trio workers in this process (the ``serve`` fixture);
 uvicorn, granian and daphne as subprocesses on a free 127.0.0.1 port. Each cell also checks
 lifespan: what the app sent the server, and that the server then stops. The matrix and the
@@ -26,8 +26,8 @@ import anyio
 import httpx
 import pytest
 
-from .conftest import TIMEOUT, Connect, ServeFn, recv, recv_n
-from .interop_apps import APP_ENV, LIFESPAN_MARK, build, record_lifespan
+from .support.interop_apps import APP_ENV, LIFESPAN_MARK, build, record_lifespan
+from .support.server import TIMEOUT, Connect, ServeFn, recv, recv_n
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ("bare", "starlette", "fastapi", "litestar", "quart", "django")
@@ -128,7 +128,7 @@ async def test_hypercorn(
 
 def _command(server: str, port: int) -> list[str]:
     bin_dir = Path(sys.executable).parent
-    target = "tests.interop_apps:app"
+    target = "tests.support.interop_apps:app"
     bind = ["--host", "127.0.0.1", "--port", str(port)]
     if server.startswith("uvicorn"):
         ws = "wsproto" if server == "uvicorn-wsproto" else "websockets-sansio"
@@ -143,7 +143,7 @@ def _command(server: str, port: int) -> list[str]:
 
 @dataclass
 class Process:
-    """A server subprocess serving one app of tests/interop_apps.py."""
+    """A server subprocess serving one app of tests/support/interop_apps.py."""
 
     name: str
     proc: subprocess.Popen[bytes]

@@ -11,7 +11,7 @@ from httpx_ws import WebSocketDisconnect
 from asgi_events import EventHub, EventsMiddleware
 from asgi_events.types import Message, Receive, Scope, Send
 
-from .conftest import (
+from .support.server import (
     TIMEOUT,
     Connect,
     ServeFn,
@@ -268,7 +268,7 @@ async def test_the_server_hears_shutdown_complete_once_the_hub_has_stopped(mode:
         return to_app.pop(0) if to_app else await anyio.sleep_forever()  # type: ignore[func-returns-value]
 
     async def send(message: Message) -> None:
-        running_at[message["type"]] = hub._task_group is not None
+        running_at[message["type"]] = hub.running
 
     app = EventsMiddleware(RecordingApp(hub, mode), hub=hub)
     with anyio.fail_after(TIMEOUT):

@@ -9,7 +9,7 @@ from httpx_ws import WebSocketUpgradeError
 
 from asgi_events import EventHub, EventsMiddleware, Principal
 
-from .conftest import Connect, ServeFn, close_code, http_app, recv, recv_n, users
+from .support.server import Connect, ServeFn, close_code, http_app, recv, recv_n, users
 
 V1 = ["asgi-events.v1"]
 

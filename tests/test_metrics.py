@@ -9,7 +9,7 @@ from asgi_events import EventHub, EventsMiddleware
 from asgi_events.metrics import instrument, metrics_app
 from asgi_events.types import Receive, Scope, Send
 
-from .conftest import Connect, ServeFn, close_code, recv, users
+from .support.server import Connect, ServeFn, close_code, recv, users
 
 
 def sample(text: str, name: str) -> float:

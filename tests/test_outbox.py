@@ -11,50 +11,44 @@ import anyio.lowlevel
 import pytest
 
 from asgi_events import EventHub
-from asgi_events.auth import parse_handshake
-from asgi_events.connection import Connection
-from asgi_events.delivery import (
-    BUSY,
-    FULL,
-    OK,
-    DurableMessage,
-    Outbox,
-    Senders,
-    TransientMessage,
-    text_message,
-)
-from asgi_events.hub import PRESSURE_ROUNDS
+from asgi_events.backends.base import Published
+from asgi_events.outbox import BUSY, FULL, OK, Outbox
+from asgi_events.senders import Senders
 from asgi_events.stats import Counters
+from asgi_events.stream import Stream
+from asgi_events.streams import PRESSURE_ROUNDS
+from asgi_events.transports.websocket import WIRE
 from asgi_events.types import Message, Principal
+from asgi_events.wire import DurableMessage
 
-from .conftest import users
+from .support.server import users
 
 
 def plain(n: int) -> Message:
-    return text_message(str(n))
+    return WIRE.event(str(n), None, None, False)
 
 
 def durable(n: int) -> Message:
-    return text_message(str(n), DurableMessage)
+    return DurableMessage(type="websocket.send", text=str(n))
 
 
 def transient(n: int) -> Message:
-    return text_message(str(n), TransientMessage)
+    return WIRE.event(str(n), None, None, True)
 
 
 def texts(outbox: Outbox) -> list[str]:
-    return [m["text"] for m in outbox._queue]
+    return [m["text"] for m in outbox.queued]
 
 
 def test_push_is_ok_until_half_full_then_busy_then_full() -> None:
-    box = Outbox(limit=4, durable_limit=100, counters=Counters())
+    box = Outbox(limit=4, durable_limit=100, counters=Counters(), wire=WIRE)
     assert [box.push(plain(n)) for n in range(5)] == [OK, OK, BUSY, BUSY, FULL]
     assert texts(box) == ["0", "1", "2", "3"]
 
 
 def test_transient_events_are_shed_first() -> None:
     counters = Counters()
-    box = Outbox(limit=4, durable_limit=100, counters=counters)
+    box = Outbox(limit=4, durable_limit=100, counters=counters, wire=WIRE)
     for n in range(2):
         box.push(transient(n))
     assert box.push(transient(2)) == BUSY  # past half full: a new transient one is shed
@@ -66,21 +60,21 @@ def test_transient_events_are_shed_first() -> None:
 
 
 def test_durable_backlog_is_bounded_below_the_buffer() -> None:
-    box = Outbox(limit=100, durable_limit=4, counters=Counters())
+    box = Outbox(limit=100, durable_limit=4, counters=Counters(), wire=WIRE)
     # past half the bound the publisher is asked to yield; at the bound the socket must go
     assert [box.push(durable(n)) for n in range(5)] == [OK, OK, BUSY, BUSY, FULL]
     assert box.push(plain(9)) == BUSY  # queued, while the durable backlog is high
 
 
 def test_a_replay_does_not_count_against_the_limits() -> None:
-    box = Outbox(limit=4, durable_limit=2, counters=Counters())
+    box = Outbox(limit=4, durable_limit=2, counters=Counters(), wire=WIRE)
     box.preload([plain(n) for n in range(10)])  # the hub replays frames as plain messages
     assert [box.push(durable(n)) for n in range(10, 12)] == [OK, BUSY]
     assert [box.push(plain(n)) for n in range(12, 15)] == [BUSY, BUSY, FULL]
 
 
 def test_a_closed_outbox_drops_everything() -> None:
-    box = Outbox(limit=4, durable_limit=2, counters=Counters())
+    box = Outbox(limit=4, durable_limit=2, counters=Counters(), wire=WIRE)
     box.push(plain(1))
     box.close(1013, "Slow consumer")
     assert box.push(plain(2)) == OK and texts(box) == []
@@ -96,7 +90,7 @@ async def test_a_writer_of_its_own_sends_all_then_the_close() -> None:
         if len(sent) == 3:
             box.close(1000, "done")
 
-    box = Outbox(100, 100, counters, send, done.append)
+    box = Outbox(100, 100, counters, WIRE, send, done.append)
     for n in range(5):
         box.push(durable(n))
     box.start(None)
@@ -104,7 +98,7 @@ async def test_a_writer_of_its_own_sends_all_then_the_close() -> None:
         await box.run()
     assert [m.get("text") for m in sent] == ["0", "1", "2", None]
     assert sent[-1] == {"type": "websocket.close", "code": 1000, "reason": "done"}
-    assert counters.messages_sent == 3 and box._durable == 0
+    assert counters.messages_sent == 3 and box.durable == 0
     assert done == [None] and box.finished
 
 
@@ -125,7 +119,7 @@ class Socket:
         self.gate: anyio.Event | None = None  # while set to an unset event, sends block
         self.got = anyio.Event()
         self.errors: list[Exception | None] = []
-        self.outbox = Outbox(1000, 1000, Counters(), self.send, self.errors.append)
+        self.outbox = Outbox(1000, 1000, Counters(), WIRE, self.send, self.errors.append)
 
     async def send(self, message: Message) -> None:
         if self.gate is not None:
@@ -148,7 +142,7 @@ async def test_nothing_is_sent_before_start() -> None:
         sock.outbox.push(plain(1))
         await anyio.wait_all_tasks_blocked()
         assert sock.sent == []
-        sock.outbox.start(senders)
+        sock.outbox.start(senders.ready)
         await sock.wait_for(1)
     assert sock.sent == ["1"]
 
@@ -171,8 +165,8 @@ async def test_senders_deliver_every_socket_in_order_at_most_size_at_once() -> N
     sockets = [Socket() for _ in range(6)]
     async with running(Senders(2, 1.0, Counters())) as senders:
         for sock in sockets:
-            sock.outbox._send = counting(sock)  # type: ignore[assignment]
-            sock.outbox.start(senders)
+            sock.outbox.send = counting(sock)  # type: ignore[assignment]
+            sock.outbox.start(senders.ready)
         for n in range(100):  # more than a turn per socket
             for sock in sockets:
                 sock.outbox.push(plain(n))
@@ -188,7 +182,7 @@ async def test_a_stalled_send_is_left_behind_and_the_others_go_on() -> None:
     counters = Counters()
     async with running(Senders(1, 0.05, counters)) as senders:
         for sock in (stuck, other):
-            sock.outbox.start(senders)
+            sock.outbox.start(senders.ready)
         stuck.outbox.push(plain(1))  # the only sender blocks in this send
         await anyio.wait_all_tasks_blocked()
         other.outbox.push(plain(2))
@@ -203,7 +197,7 @@ async def test_a_stalled_send_is_left_behind_and_the_others_go_on() -> None:
         other.outbox.push(plain(5))
         await stuck.wait_for(3)
         await other.wait_for(2)
-        assert counters.stalled_sends == 1 and len(senders._senders) == 1
+        assert counters.stalled_sends == 1 and senders.count == 1
         assert not stuck.outbox.stalled  # caught up: back with the senders
     assert stuck.sent == ["1", "3", "4"] and other.sent == ["2", "5"]
 
@@ -212,10 +206,10 @@ async def test_a_sender_lets_other_tasks_run_when_sends_never_suspend() -> None:
     sockets = [Socket(suspend=False) for _ in range(40)]
     for sock in sockets:
         sock.send = slow(sock.send)  # type: ignore[method-assign]
-        sock.outbox._send = sock.send
+        sock.outbox.send = sock.send
     async with running(Senders(1, 10.0, Counters())) as senders:
         for sock in sockets:
-            sock.outbox.start(senders)
+            sock.outbox.start(senders.ready)
             sock.outbox.push(plain(0))
         await sockets[0].wait_for(1)  # this task wants to run as soon as the first one is sent
         seen = sum(len(sock.sent) for sock in sockets)
@@ -226,18 +220,18 @@ async def test_a_sender_lets_other_tasks_run_when_sends_never_suspend() -> None:
 async def test_where_sends_never_suspend_all_but_two_senders_wait() -> None:
     sockets = [Socket(suspend=False) for _ in range(40)]
     for sock in sockets:
-        sock.outbox._send = slow(sock.send)
+        sock.outbox.send = slow(sock.send)
     busy: list[int] = []
     async with running(Senders(8, 60.0, Counters())) as senders:
         for sock in sockets:
-            sock.outbox.start(senders)
+            sock.outbox.start(senders.ready)
             for n in range(5):
                 sock.outbox.push(plain(n))
         with anyio.fail_after(10):
             while any(len(sock.sent) < 5 for sock in sockets):
                 await anyio.lowlevel.checkpoint()  # runs between two slices
-                if senders._ready:  # (not once the last sockets are being sent for)
-                    busy.append(len(senders._senders) - len(senders._idle))
+                if senders.pending:  # (not once the last sockets are being sent for)
+                    busy.append(senders.count - senders.idle)
     assert all(sock.sent == [str(n) for n in range(5)] for sock in sockets)
     assert set(busy[len(busy) // 2 :]) == {2}  # one sending, one watching (all 8 woke first)
 
@@ -249,16 +243,16 @@ async def test_a_sender_woken_mid_turn_does_not_add_a_slice_to_that_turn_of_the_
     sockets = [Socket(suspend=False) for _ in range(100)]
     late = [Socket(suspend=False) for _ in range(100)]
     for sock in sockets + late:
-        sock.outbox._send = slow(sock.send, 0.002)
+        sock.outbox.send = slow(sock.send, 0.002)
     per_turn: list[int] = []
     async with running(Senders(8, 60.0, Counters())) as senders:
         for sock in sockets:
-            sock.outbox.start(senders)
+            sock.outbox.start(senders.ready)
             sock.outbox.push(plain(0))
         with anyio.fail_after(10):
             for sock in late:  # each wakes a waiting sender, if there is one
                 sent = sum(len(s.sent) for s in sockets + late)
-                sock.outbox.start(senders)
+                sock.outbox.start(senders.ready)
                 sock.outbox.push(plain(0))
                 await anyio.lowlevel.checkpoint()
                 per_turn.append(sum(len(s.sent) for s in sockets + late) - sent)
@@ -274,11 +268,11 @@ async def test_sends_stuck_one_after_the_other_do_not_hold_up_the_others() -> No
         send = slow(sock.send)
         if i in (10, 30):
             send = blocking_at("2", send, gate)
-        sock.outbox._send = send
+        sock.outbox.send = send
     counters = Counters()
     async with running(Senders(8, 60.0, counters)) as senders:
         for sock in sockets:
-            sock.outbox.start(senders)
+            sock.outbox.start(senders.ready)
             for n in range(5):
                 sock.outbox.push(plain(n))
         for i, sock in enumerate(sockets):
@@ -320,24 +314,24 @@ async def test_a_failing_send_drops_only_its_socket() -> None:
     async def bug(message: Message) -> None:
         raise RuntimeError("server bug")
 
-    gone.outbox._send, broken.outbox._send = reset, bug
+    gone.outbox.send, broken.outbox.send = reset, bug
     async with running(Senders(1, 1.0, Counters())) as senders:
         for sock in (gone, broken, fine):
-            sock.outbox.start(senders)
+            sock.outbox.start(senders.ready)
             sock.outbox.push(plain(1))
         await fine.wait_for(1)
         fine.outbox.push(plain(2))
         await fine.wait_for(2)
     assert gone.errors == [None] and gone.outbox.finished
     assert [type(e) for e in broken.errors] == [RuntimeError] and broken.outbox.finished
-    assert gone.outbox.push(plain(3)) == OK and not gone.outbox._queue  # dropped from now on
+    assert gone.outbox.push(plain(3)) == OK and not gone.outbox.queued  # dropped from now on
     assert fine.sent == ["1", "2"] and fine.errors == []
 
 
 async def test_a_close_frame_ends_the_socket_once() -> None:
     sock = Socket()
     async with running(Senders(1, 1.0, Counters())) as senders:
-        sock.outbox.start(senders)
+        sock.outbox.start(senders.ready)
         sock.outbox.push(plain(1))
         sock.outbox.close(1013, "Slow consumer")  # the queued message is dropped
         sock.outbox.push(plain(2))
@@ -356,15 +350,15 @@ async def test_a_publisher_waits_for_a_pressed_queue_but_not_for_a_stuck_one() -
     """Under pressure broadcast lets the senders run for a few rounds; a socket whose send is
     stuck gains nothing from that, so it must not slow every publisher down."""
     hub = EventHub(users)
-    handshake = parse_handshake({"type": "websocket", "query_string": b"token=tok-alice"})
+    counters = hub.streams.counters
 
-    def backlogged(stalled: bool) -> Connection:
-        conn = Connection(Principal("alice"), handshake, hub._counters)
-        conn.outbox = Outbox(8, 100, hub._counters)  # (never started: nothing drains it)
+    def backlogged(stalled: bool) -> Stream:
+        stream = Stream(Principal("alice"), WIRE, counters)
+        stream.outbox = Outbox(8, 100, counters, WIRE)  # (never started: nothing drains it)
         for n in range(5):
-            conn.outbox.push(plain(n))  # past half of the limit: pressed
-        conn.outbox._unstick = (lambda: None) if stalled else None  # as a retirement does
-        return conn
+            stream.outbox.push(plain(n))  # past half of the limit: pressed
+        stream.outbox.stuck((lambda: None) if stalled else None)  # as a retirement does
+        return stream
 
     rounds = 0
 
@@ -378,9 +372,9 @@ async def test_a_publisher_waits_for_a_pressed_queue_but_not_for_a_stuck_one() -
         tg.start_soon(count_rounds)
         await anyio.lowlevel.checkpoint()  # (it runs whenever this task yields)
         before = rounds
-        await hub._fan_out([backlogged(stalled=True)], plain(9))
+        await hub.streams.fan_out([backlogged(stalled=True)], Published(None, "9"))
         stuck_rounds, before = rounds - before, rounds
-        await hub._fan_out([backlogged(stalled=False)], plain(9))
+        await hub.streams.fan_out([backlogged(stalled=False)], Published(None, "9"))
         pressed_rounds = rounds - before
         tg.cancel_scope.cancel()
     assert stuck_rounds == 0
@@ -399,13 +393,13 @@ async def test_a_send_stuck_for_a_socket_that_is_gone_is_cancelled() -> None:
             cancelled.set()
             raise
 
-    stuck.outbox._send = send
+    stuck.outbox.send = send
     async with running(Senders(1, 0.05, counters)) as senders:
-        stuck.outbox.start(senders)
+        stuck.outbox.start(senders.ready)
         stuck.outbox.push(plain(1))
         with anyio.fail_after(5):
             while not counters.stalled_sends:  # noqa: ASYNC110 (no event marks a retirement)
                 await anyio.sleep(0.01)
             stuck.outbox.abandon()
             await cancelled.wait()
-        assert len(senders._senders) == 1 and stuck.sent == []
+        assert senders.count == 1 and stuck.sent == []

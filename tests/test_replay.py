@@ -10,7 +10,7 @@ import pytest
 
 from asgi_events import EventHub
 
-from .conftest import Connect, ServeFn, assert_silent, recv, recv_n, users
+from .support.server import Connect, ServeFn, assert_silent, recv, recv_n, users
 
 V1 = ["asgi-events.v1"]
 
@@ -140,7 +140,7 @@ async def test_not_recovered_after_eviction_by_age(serve: ServeFn, connect: Conn
     clock = FakeClock()
     server = await serve(hub=EventHub(users, buffer_max_age=60, clock=clock))
     await publish(server.hub, "alice", "old")
-    position = server.hub._backend._log.position("alice")  # type: ignore[attr-defined]
+    position = (await server.hub.backend.replay("alice", None)).position
     clock.now += 30
     await publish(server.hub, "alice", "kept")
     clock.now += 31  # "old" is 61 s old, "kept" 31 s

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from asgi_events import EventHub
 
-from .conftest import Connect, ServeFn, recv
+from .support.server import Connect, ServeFn, recv
 
 
 async def test_smoke(serve: ServeFn, connect: Connect) -> None:

@@ -26,7 +26,7 @@ from hypercorn.config import Config
 
 from asgi_events import EventHub, EventsMiddleware, Principal
 
-from .conftest import TIMEOUT, Connect, ServeFn, http_app, recv
+from .support.server import TIMEOUT, Connect, ServeFn, http_app, recv
 
 V1 = "asgi-events.v1"
 TOKEN_PROTOCOL = "asgi-events.token."

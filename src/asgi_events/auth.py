@@ -1,4 +1,5 @@
-"""The handshake: what a WebSocket scope asks for (token, resume point, subprotocol), and auth."""
+"""Credentials: what a handshake asks for (token, resume point, subprotocol, origin), and the
+adapter that runs the application's ``verify_token``."""
 
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ from urllib.parse import parse_qsl, urlsplit
 
 import anyio.to_thread
 
+from .protocol import SUBPROTOCOLS, TOKEN_PROTOCOL_PREFIX, ResumePoint
 from .types import Principal, Scope, VerifyToken
 
-SUBPROTOCOL = "asgi-events.v1"
-BATCH_SUBPROTOCOL = "asgi-events.v1.batch"  # frames are JSON arrays of messages
-TOKEN_PROTOCOL_PREFIX = "asgi-events.token."
 _DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 
 
@@ -27,6 +26,11 @@ class Handshake:
     last_event_ts: str | None
     subprotocol: str | None  # the subprotocol to accept, if the client offered one of ours
     origin: str | None  # the Origin header, if any
+
+    @property
+    def resume(self) -> ResumePoint | None:
+        """The resume point asked for, parsed (``lastEventId`` wins over ``lastEventTs``)."""
+        return ResumePoint.parse(self.last_event_id, self.last_event_ts)
 
 
 def parse_handshake(scope: Scope) -> Handshake:
@@ -45,7 +49,7 @@ def parse_handshake(scope: Scope) -> Handshake:
         token=query.get("token") or _bearer(headers) or _token_protocol(offered),
         last_event_id=query.get("lastEventId") or None,
         last_event_ts=query.get("lastEventTs") or None,
-        subprotocol=next((p for p in (BATCH_SUBPROTOCOL, SUBPROTOCOL) if p in offered), None),
+        subprotocol=next((p for p in SUBPROTOCOLS if p in offered), None),
         origin=headers.get("origin"),
     )
 

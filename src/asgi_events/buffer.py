@@ -14,9 +14,8 @@ from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
 
-GapReason = Literal["evicted", "expired", "unknown", "epoch"]
+from .protocol import GapReason, make_id, split_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +36,15 @@ class Resume:
     still resume from completely.
     """
 
-    frames: list[str]
+    entries: list[Entry]
     recovered: bool
     reason: GapReason | None = None
     oldest: str | None = None
+
+    @property
+    def frames(self) -> list[str]:
+        """The encoded events to replay, in order."""
+        return [entry.frame for entry in self.entries]
 
 
 class _UserLog:
@@ -78,9 +82,8 @@ class _UserLog:
     def newest_ts(self) -> datetime | None:
         return max((e.timestamp for e in self.live() if e.timestamp), default=None)
 
-    def frames_after(self, seq: int) -> list[str]:
-        start = bisect_right(self.entries, seq, lo=self.head, key=_seq)
-        return [e.frame for e in self.entries[start:]]
+    def after(self, seq: int) -> list[Entry]:
+        return self.entries[bisect_right(self.entries, seq, lo=self.head, key=_seq) :]
 
 
 def _seq(entry: Entry) -> int:
@@ -97,7 +100,7 @@ class _Forgotten:
 
 
 _NOTHING_FORGOTTEN = _Forgotten(0, "evicted", None)
-_BUCKETS = 1 << 14
+FORGOTTEN_BUCKETS = 1 << 14
 
 
 class ReplayLog:
@@ -105,9 +108,9 @@ class ReplayLog:
     ``max_users`` users (least recently used first out).
 
     A user's log is dropped whole when the user is evicted or all its events expired. What
-    it had is remembered per hash bucket of user ids (at most ``_BUCKETS`` small records), so
-    a later resume is still told it lost events; a user sharing a bucket with a dropped one may
-    be told so needlessly (conservative, never the other way round).
+    it had is remembered per hash bucket of user ids (at most ``FORGOTTEN_BUCKETS`` small
+    records), so a later resume is still told it lost events; a user sharing a bucket with a
+    dropped one may be told so needlessly (conservative, never the other way round).
     """
 
     def __init__(
@@ -124,7 +127,7 @@ class ReplayLog:
         self._forgotten: dict[int, _Forgotten] = {}
 
     def make_id(self, seq: int) -> str:
-        return f"{self.epoch}.{seq}"
+        return make_id(self.epoch, seq)
 
     def assign(self) -> tuple[int, str]:
         """Take the next sequence number and its id (one left unused is a harmless gap)."""
@@ -154,7 +157,11 @@ class ReplayLog:
 
     def since_id(self, user_id: str, last_id: str, now: float) -> Resume:
         """The buffered frames after ``last_id``; ``recovered`` is false if any were lost."""
-        epoch, _, digits = last_id.rpartition(".")
+        epoch, offset = split_id(last_id) or ("", "")
+        return self.since(user_id, epoch, offset, now)
+
+    def since(self, user_id: str, epoch: str, offset: str, now: float) -> Resume:
+        """The buffered frames after the id ``<epoch>.<offset>`` (see ``since_id``)."""
         log = self._touch(user_id)
         if log is not None:
             self._expire(log, now)
@@ -164,19 +171,19 @@ class ReplayLog:
         else:
             floor, last_seq, why = log.dropped_upto, log.last_seq, log.dropped_why or "evicted"
         oldest = self.make_id(floor)
-        if not (epoch and digits.isascii() and digits.isdigit() and len(digits) <= 20):
+        if not (epoch and offset.isascii() and offset.isdigit() and len(offset) <= 20):
             return Resume([], recovered=False, reason="unknown", oldest=oldest)
         if epoch != self.epoch:
             # Everything retained is newer than anything of an earlier epoch.
-            frames = log.frames_after(0) if log is not None else []
-            return Resume(frames, recovered=False, reason="epoch", oldest=oldest)
-        seq = int(digits)
+            entries = log.after(0) if log is not None else []
+            return Resume(entries, recovered=False, reason="epoch", oldest=oldest)
+        seq = int(offset)
         if seq > last_seq:
             return Resume([], recovered=False, reason="unknown", oldest=oldest)
-        frames = log.frames_after(seq) if log is not None else []
+        entries = log.after(seq) if log is not None else []
         if seq < floor:
-            return Resume(frames, recovered=False, reason=why, oldest=oldest)
-        return Resume(frames, recovered=True)
+            return Resume(entries, recovered=False, reason=why, oldest=oldest)
+        return Resume(entries, recovered=True)
 
     def since_timestamp(self, user_id: str, since: datetime, now: float) -> Resume:
         """The buffered frames whose own timestamp is strictly later than ``since``."""
@@ -188,11 +195,11 @@ class ReplayLog:
                 return Resume([], recovered=False, reason=forgotten.why, oldest=oldest)
             return Resume([], recovered=True)
         self._expire(log, now)
-        frames = [e.frame for e in log.live() if e.timestamp is not None and e.timestamp > since]
+        entries = [e for e in log.live() if e.timestamp is not None and e.timestamp > since]
         if log.dropped_ts is not None and log.dropped_ts > since:
             why = log.dropped_why or "evicted"
-            return Resume(frames, False, reason=why, oldest=self.make_id(log.dropped_upto))
-        return Resume(frames, recovered=True)
+            return Resume(entries, False, reason=why, oldest=self.make_id(log.dropped_upto))
+        return Resume(entries, recovered=True)
 
     def prune(self, now: float) -> None:
         """Expire old entries, and drop the logs left empty (lookups also expire lazily)."""
@@ -200,6 +207,11 @@ class ReplayLog:
             self._expire(log, now)
             if not len(log):
                 self._forget(user_id, log, "expired")
+
+    def held(self, user_id: str) -> int:
+        """Entries kept in memory for ``user_id``, dropped ones not yet compacted included."""
+        log = self._users.get(user_id)
+        return len(log.entries) if log is not None else 0
 
     def stats(self) -> tuple[int, int]:
         """(buffered events, users with buffered events)."""
@@ -227,7 +239,7 @@ class ReplayLog:
 
     def _forget(self, user_id: str, log: _UserLog, why: GapReason) -> None:
         del self._users[user_id]
-        bucket = hash(user_id) & (_BUCKETS - 1)
+        bucket = hash(user_id) & (FORGOTTEN_BUCKETS - 1)
         before = self._forgotten.get(bucket, _NOTHING_FORGOTTEN)
         latest = max(
             (t for t in (before.latest, log.dropped_ts, log.newest_ts()) if t), default=None
@@ -236,7 +248,7 @@ class ReplayLog:
         self._forgotten[bucket] = _Forgotten(upto, "evicted" if before.upto else why, latest)
 
     def _forgotten_of(self, user_id: str) -> _Forgotten:
-        return self._forgotten.get(hash(user_id) & (_BUCKETS - 1), _NOTHING_FORGOTTEN)
+        return self._forgotten.get(hash(user_id) & (FORGOTTEN_BUCKETS - 1), _NOTHING_FORGOTTEN)
 
     def _expire(self, log: _UserLog, now: float) -> None:
         cutoff = now - self.max_age

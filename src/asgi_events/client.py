@@ -39,7 +39,6 @@ On asyncio and trio (anyio, httpx-ws). Design:
 from __future__ import annotations
 
 import inspect
-import json
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -61,8 +60,8 @@ from httpx_ws import (
     aconnect_ws,
 )
 
-from .auth import BATCH_SUBPROTOCOL, SUBPROTOCOL
-from .hub import READY
+from . import codec
+from .protocol import BATCH_SUBPROTOCOL, PING, READY, SUBPROTOCOL, Action, client_action
 
 __all__ = (
     "AuthenticationError",
@@ -79,8 +78,6 @@ __all__ = (
 TokenRefresher = Callable[[], str | Awaitable[str]]
 """``() -> token``, sync (run in a worker thread) or async."""
 
-_RETRY_CODES = frozenset({1001, 1005, 1006, 1011, 1012, 1013, 1014, 4002})
-_AUTH_FAILED = "Authentication failed"  # the server's reason: other 1008s are not about tokens
 _TRANSIENT: tuple[type[Exception], ...] = (
     OSError,  # TimeoutError included
     httpx.TransportError,
@@ -156,12 +153,17 @@ class _End:
     reason: str
 
 
+_KINDS: dict[Action, _Kind] = {
+    Action.DONE: "done",
+    Action.RETRY: "retry",
+    Action.REFRESH: "auth",
+    Action.GIVE_UP: "fatal",
+}
+
+
 def _classify(code: int, reason: str) -> _End:
-    if code == 1000:
-        return _End("done", code, reason)
-    if code == 4001 or (code == 1008 and reason == _AUTH_FAILED):
-        return _End("auth", code, reason)
-    return _End("retry" if code in _RETRY_CODES else "fatal", code, reason)
+    """How a close ends a connection: the close table's action (``protocol.CLOSES``)."""
+    return _End(_KINDS[client_action(code, reason)], code, reason)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -371,20 +373,13 @@ class EventsClient:
         try:
             while True:
                 await anyio.sleep(interval)
-                await ws.send_text("ping")
+                await ws.send_text(PING)
         except Exception:  # the socket is closing: the reader finds out how
             return
 
     async def _frame(self, text: str) -> None:
-        if text == "pong":
-            return
-        try:
-            data = json.loads(text)
-        except ValueError:
-            return
-        for message in data if self._batch and isinstance(data, list) else [data]:
-            if isinstance(message, dict):
-                await self._message(message)
+        for message in codec.decode_frame(text, self._batch):
+            await self._message(message)
 
     async def _message(self, message: dict[str, Any]) -> None:
         if self._control and message.get("type") == READY:

@@ -1,35 +1,40 @@
-"""Event validation and one-time JSON encoding; ISO 8601 timestamps."""
+"""The JSON wire format: event validation, encoding once per broadcast, decoding, batch frames.
+
+One codec per format: a second one (say msgpack on a subprotocol of its own) would offer the
+same functions. Events are encoded as JSON objects whose last character is ``}``; an id is added
+to an encoded event without decoding it again (``with_id``), so a backend that assigns ids
+where the event is stored (Redis assigns them inside its append script) stores and publishes the
+encoding without the id, and every node adds it here, in one place.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 from .errors import InvalidEventError
+from .protocol import PONG, RESERVED_PREFIX, parse_timestamp
 
-RESERVED_PREFIX = "asgi_events."  # control messages' types
+__all__ = (
+    "decode_frame",
+    "encode",
+    "encode_batch",
+    "parse_timestamp",
+    "prepare",
+    "utc_now_iso",
+    "with_id",
+)
+
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_quote = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def utc_now_iso() -> str:
     """The current time as JavaScript's ``Date.toISOString()`` writes it (ms, ``Z``)."""
     now = datetime.now(timezone.utc)
     return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def parse_timestamp(value: object) -> datetime | None:
-    """Parse an ISO 8601 timestamp to an aware datetime (naive means UTC); None if it is not one."""
-    if not isinstance(value, str) or not 0 < len(value) <= 64:
-        return None
-    if value[-1] in "Zz":  # Python 3.10's fromisoformat does not take "Z"
-        value = value[:-1] + "+00:00"
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
 
 
 def prepare(event: object) -> dict[str, Any]:
@@ -62,3 +67,43 @@ def encode(message: Mapping[str, Any]) -> str:
         return _encoder.encode(message)
     except (TypeError, ValueError) as exc:
         raise InvalidEventError(f"event is not JSON-serialisable: {exc}") from None
+
+
+def with_id(encoded: str, event_id: str) -> str:
+    """``encoded`` (an object from ``encode`` with no ``id``) with ``"id": event_id`` added last."""
+    return f"{encoded[:-1]},{_quote('id')}:{_quote(event_id)}}}"
+
+
+def encode_batch(texts: Iterable[str]) -> str:
+    """One batch frame (``asgi-events.v1.batch``): a JSON array of encoded messages."""
+    return f"[{','.join(texts)}]"
+
+
+def decode_frame(text: str, batch: bool) -> list[dict[str, Any]]:
+    """The messages in one received frame: none for ``pong`` or anything that is not JSON
+    objects, each element of a batch frame's array, else the one object."""
+    if text == PONG:
+        return []
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return []
+    items = data if batch and isinstance(data, list) else [data]
+    return [item for item in items if isinstance(item, dict)]
+
+
+def decode_message(text: object) -> dict[str, Any] | None:
+    """A client message: the JSON object in ``text``; None if it is not one."""
+    if not isinstance(text, str):
+        return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def timestamp_after(text: str, since: datetime) -> bool:
+    """Whether the ISO 8601 ``text`` is strictly later than ``since`` (False if unreadable)."""
+    timestamp = parse_timestamp(text)
+    return timestamp is not None and timestamp > since.astimezone(timezone.utc)

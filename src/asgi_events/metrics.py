@@ -79,7 +79,7 @@ class HubCollector(Collector):
         for code, count in sorted(stats["closes"].items()):
             closes.add_metric([str(code)], count)
         yield closes
-        latency = hub._latency
+        latency = hub.broadcast_latency
         buckets, total = [], 0
         for bound, count in zip((*latency.bounds, float("inf")), latency.counts, strict=True):
             total += count

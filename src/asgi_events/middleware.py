@@ -6,9 +6,9 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from .auth import normalize_origin
-from .connection import serve
 from .lifespan import run_lifespan
 from .script import serve_script
+from .transports import websocket
 
 if TYPE_CHECKING:
     from .hub import EventHub
@@ -46,7 +46,7 @@ class EventsMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope["path"] == self.path:
-            await serve(self.hub, scope, receive, send, self.allowed_origins)
+            await websocket.serve(self.hub.streams, scope, receive, send, self.allowed_origins)
         elif scope["type"] == "lifespan":
             await run_lifespan(self.app, self.hub, scope, receive, send)
         elif scope["type"] == "http" and scope["path"] == self.script_path:

@@ -6,6 +6,8 @@ from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .protocol import Close
+
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
 
@@ -33,6 +35,16 @@ class Counters:
 
     def count(self, table: dict[Any, int], key: Any) -> None:
         table[key] = table.get(key, 0) + 1
+
+    def closed(self, close: Close) -> None:
+        """A stream was sent ``close``: count it by code, and in its own counter if any."""
+        self.count(self.closes, close.code)
+        if close.counter is not None:
+            setattr(self, close.counter, getattr(self, close.counter) + 1)
+
+    def refused(self, close: Close) -> None:
+        """A stream was refused with ``close`` before it opened: count it by kind."""
+        self.count(self.refusals, close.refusal or str(close.code))
 
     def as_dict(self) -> dict[str, Any]:
         counts = asdict(self)

@@ -1,34 +1,82 @@
-"""The backend interface: what the hub needs from wherever events are buffered and fanned out."""
+"""The backend contract: what the hub needs from wherever events are buffered and fanned out.
+
+A backend deals in events, ids and positions only; it knows nothing of handshakes, transports
+or the messages they send. The contract, which ``tests/backends/`` checks for every backend:
+
+- **Ids.** A buffered event's id is ``<epoch>.<offset>`` (``protocol.make_id``). Within an
+  epoch, ids are unique and strictly increasing per user, in the order events are delivered.
+  The epoch changes whenever the buffered data may have been lost (a new process for memory, a
+  lost Redis data set), so that an id of another epoch is never misread. ``key`` is an id's
+  order key (any comparable value): within a user, a later event has a greater key.
+- **Order.** Every node receives each user's buffered events in id order, exactly once while
+  it is connected to the backend.
+- **Position.** ``replay(...).position`` is the id of the newest event assigned to that user,
+  or the epoch's origin id (``<epoch>.0`` in memory, ``<epoch>.0-0`` on Redis) before there is
+  one; ``key`` is its order key. A client that has everything up to ``position`` is current.
+- **Replay.** For a resume point, ``events`` are the buffered events after it, oldest first,
+  as ``Published`` values (text with the id); transient events never. ``recovered`` is False,
+  with ``reason`` and ``oldest`` (the oldest id a client could resume from completely now),
+  when the events after the point are not all there:
+
+  ============ ======================================== ===================================
+  reason       when                                     ``events``
+  ============ ======================================== ===================================
+  ``evicted``  the size bound (or the bound on buffered the events still buffered after it
+               users) dropped events after the point
+  ``expired``  the age bound dropped them               the events still buffered after it
+  ``epoch``    the id is of another epoch               every event buffered now
+  ``unknown``  an offset that is malformed or was never none
+               issued, or ``ResumePoint.invalid``
+  ============ ======================================== ===================================
+
+  With ``since`` (a timestamp), ``events`` are the buffered events whose own timestamp is
+  strictly later; ``recovered`` is False if a dropped event was later too.
+- **Loss.** When delivery may have been interrupted (a lost subscription), the backend sets
+  ``healthy`` to False and awaits ``lost()``: the hub closes every stream with 1012 so that
+  clients resume. While unhealthy, new streams are refused. It recovers by itself.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from anyio.abc import TaskGroup
 
-from ..auth import Handshake
-from ..buffer import GapReason
-from ..types import Message
+from ..protocol import GapReason, ResumePoint
 
-Deliver = Callable[[str | None, Message], Awaitable[None]]
-"""``(user_id or None for everyone, message)``: fan one message out to this node's sockets."""
+
+class Published(NamedTuple):
+    """One event as a backend hands it to this node's streams."""
+
+    user_id: str | None
+    """Whose streams get it; None for every stream (``broadcast_to_all``)."""
+    text: str
+    """The encoded event as clients receive it (``id`` included)."""
+    id: str | None = None
+    """Its id, for buffered events only."""
+    key: Any = None
+    """Its order key among the user's events, for buffered events only."""
+
+    @property
+    def transient(self) -> bool:
+        """A user's event delivered live only (never replayed)."""
+        return self.id is None and self.user_id is not None
+
+
+Deliver = Callable[[Published], Awaitable[None]]
+"""Fan one event out to this node's streams."""
 
 Lost = Callable[[], Awaitable[None]]
-"""Called when delivery was interrupted: events may have been missed, so sockets must go."""
+"""Called when delivery was interrupted: events may have been missed, so streams must go."""
 
 
 @dataclass(frozen=True, slots=True)
 class Replay:
-    """What a connecting socket gets before it goes live.
+    """What a connecting stream gets before it goes live (see the module for the contract)."""
 
-    ``position`` is the id up to which the client is current once it has ``frames``; ``key`` is
-    its order key: live messages held while the replay was read with a key up to it are dropped
-    (they are in the replay, or before the resume point).
-    """
-
-    frames: list[str]
+    events: list[Published]
     position: str
     key: Any
     recovered: bool = True
@@ -40,7 +88,7 @@ class Backend(Protocol):
     """Buffers events for replay and delivers every event to every node's ``deliver``."""
 
     healthy: bool
-    """False while events cannot be delivered (new sockets are refused with 1012)."""
+    """False while events cannot be delivered (new streams are refused with 1012)."""
 
     def bind(
         self, deliver: Deliver, lost: Lost, *, size: int, max_age: float, max_users: int | None
@@ -56,17 +104,22 @@ class Backend(Protocol):
     async def publish(self, user_id: str, fields: dict[str, Any], transient: bool) -> None:
         """Buffer (unless ``transient``) and deliver an event of one user, on every node.
 
+        ``fields`` are the event's, without ``id``: the backend assigns it.
+
         :raises BackendUnavailableError: the event could not be published.
         """
 
     async def publish_to_all(self, text: str) -> None:
-        """Deliver an encoded event to every socket on every node (never buffered).
+        """Deliver an encoded event to every stream on every node (never buffered).
 
         :raises BackendUnavailableError: the event could not be published.
         """
 
-    async def replay(self, user_id: str, handshake: Handshake) -> Replay:
-        """What a socket connecting with ``handshake`` gets before live events.
+    async def replay(self, user_id: str, resume: ResumePoint | None) -> Replay:
+        """The position of ``user_id`` and, if ``resume`` is given, what follows it.
+
+        The caller holds live events for this user aside while it awaits this, and drops
+        those with a key up to ``Replay.key`` afterwards, so the switch loses nothing.
 
         :raises BackendUnavailableError: the replay could not be read.
         """

@@ -9,11 +9,10 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .. import codec
-from ..auth import Handshake
-from ..buffer import ReplayLog, Resume
-from ..delivery import TransientMessage, durable_message, text_message
+from ..buffer import Entry, ReplayLog, Resume
+from ..protocol import ResumePoint
 from ..types import Clock
-from .base import Deliver, Lost, Replay
+from .base import Deliver, Lost, Published, Replay
 
 
 class MemoryBackend:
@@ -47,34 +46,35 @@ class MemoryBackend:
 
     async def publish(self, user_id: str, fields: dict[str, Any], transient: bool) -> None:
         if transient:
-            message = text_message(codec.encode(fields), TransientMessage)
+            published = Published(user_id, codec.encode(fields))
         else:
             seq, fields["id"] = self._log.assign()
             text = codec.encode(fields)
             timestamp = codec.parse_timestamp(fields["timestamp"])
             self._log.append(user_id, seq, text, timestamp, self._clock())
-            message = durable_message(text, seq)
+            published = Published(user_id, text, fields["id"], seq)
         assert self._deliver is not None
-        await self._deliver(user_id, message)
+        await self._deliver(published)
 
     async def publish_to_all(self, text: str) -> None:
         assert self._deliver is not None
-        await self._deliver(None, text_message(text))
+        await self._deliver(Published(None, text))
 
-    async def replay(self, user_id: str, handshake: Handshake) -> Replay:
+    async def replay(self, user_id: str, resume: ResumePoint | None) -> Replay:
         # No await before the return: the replay and going live are one step here.
         log, now = self._log, self._clock()
-        resume = Resume([], recovered=True)
-        if handshake.last_event_id is not None:
-            resume = log.since_id(user_id, handshake.last_event_id, now)
-        elif handshake.last_event_ts is not None:
-            since = codec.parse_timestamp(handshake.last_event_ts)
-            if since is None:
-                resume = Resume([], recovered=False, reason="unknown", oldest=log.position(user_id))
-            else:
-                resume = log.since_timestamp(user_id, since, now)
+        if resume is None:
+            found = Resume([], recovered=True)
+        elif resume.since is not None:
+            found = log.since_timestamp(user_id, resume.since, now)
+        else:  # (an invalid point has no epoch: "unknown", from the oldest complete position)
+            found = log.since(user_id, resume.epoch or "", resume.offset or "", now)
+        events = [self._published(user_id, entry) for entry in found.entries]
         position, key = log.position(user_id), log.last_seq(user_id)
-        return Replay(resume.frames, position, key, resume.recovered, resume.reason, resume.oldest)
+        return Replay(events, position, key, found.recovered, found.reason, found.oldest)
+
+    def _published(self, user_id: str, entry: Entry) -> Published:
+        return Published(user_id, entry.frame, self._log.make_id(entry.seq), entry.seq)
 
     async def clear(self) -> None:
         # A new epoch: ids handed out before are foreign from now on.

@@ -31,13 +31,13 @@
  *   backoff      {initial: 500, max: 30000}: ms, exponential with full jitter, reset on ready
  *
  * Always offers "asgi-events.v1" (control messages). Reconnects on 1001, 1005, 1006, 1011,
- * 1012, 1013 and 4002, resuming with lastEventId; stops on any other code (an auth 1008 and
+ * 1012, 1013, 1014 and 4002 (the close table of protocol.py), resuming with lastEventId; stops on any other code (an auth 1008 and
  * 4001 go through refreshToken first; "Too many connections" and "Rate limit exceeded" stop). Ids already delivered are dropped if they ever come again.
  * After a stop, resume() starts again (set `client.token` first if need be); close() is final.
  */
 
 const V1 = "asgi-events.v1";
-const RETRY = new Set([1001, 1005, 1006, 1011, 1012, 1013, 4002]);
+const RETRY = new Set([1001, 1005, 1006, 1011, 1012, 1013, 1014, 4002]);
 // 1008 is also "Too many connections" and "Rate limit exceeded": only its auth reason refreshes.
 const isAuth = (code, reason) => code === 4001 || (code === 1008 && reason === "Authentication failed");
 const SEEN = 1024; // delivered ids remembered, to never deliver one twice

@@ -6,7 +6,7 @@ Every app has its own hub (``verify_token``: "tok-<user>" is <user>) and a route
 server in another process is driven exactly like the in-process one.
 
 In-process: ``build(name)`` returns ``(app, hub)``. A server subprocess imports
-``tests.interop_apps:app`` (daphne takes no factory, so this is a module attribute, built on
+``tests.support.interop_apps:app`` (daphne takes no factory, so this is a module attribute, built on
 first access from ``$INTEROP_APP``); it prints every lifespan message the app sends, to
 stderr, as ``interop-lifespan: <type>``, for the test to check after the server stopped.
 """

@@ -1,0 +1,95 @@
+"""One stream: one client of one user, whatever its transport; its state and its outbox."""
+
+from __future__ import annotations
+
+import enum
+
+import anyio
+
+from .outbox import Outbox
+from .protocol import Close, ResumePoint
+from .stats import Counters
+from .types import Principal
+from .wire import Wire
+
+CLOSE_TIMEOUT = 5.0  # how long a closing stream may take to finish
+
+
+class State(enum.Enum):
+    """Where a stream is in its life; transitions only go forward (``Stream.to``)."""
+
+    CONNECTING = "connecting"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+_NEXT: dict[State, frozenset[State]] = {
+    State.CONNECTING: frozenset({State.OPEN, State.CLOSING, State.CLOSED}),
+    State.OPEN: frozenset({State.CLOSING, State.CLOSED}),
+    State.CLOSING: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+
+
+class Stream:
+    """One client of one user: its state, its outbox, and a way to cancel it.
+
+    :param principal: who it belongs to (its ``expires_at`` ends it with 4001).
+    :param wire: how its transport frames messages.
+    :param resume: where its client asked to resume from, if anywhere.
+    :param control: whether it gets control messages (the ready message).
+    """
+
+    __slots__ = (
+        "cancel_scope",
+        "control",
+        "counters",
+        "expires_at",
+        "outbox",
+        "resume",
+        "state",
+        "user_id",
+        "wire",
+    )
+    outbox: Outbox
+
+    def __init__(
+        self,
+        principal: Principal,
+        wire: Wire,
+        counters: Counters,
+        resume: ResumePoint | None = None,
+        control: bool = False,
+    ) -> None:
+        self.user_id = principal.user_id
+        self.expires_at = principal.expires_at
+        self.wire = wire
+        self.counters = counters
+        self.resume = resume
+        self.control = control
+        self.state = State.CONNECTING
+        self.cancel_scope = anyio.CancelScope()
+
+    def to(self, state: State) -> None:
+        """Move to ``state``.
+
+        :raises RuntimeError: not a transition that state allows.
+        """
+        if state not in _NEXT[self.state]:
+            raise RuntimeError(f"a stream cannot go from {self.state.value} to {state.value}")
+        self.state = state
+
+    def close(self, close: Close) -> bool:
+        """Send ``close`` next, then give the stream ``CLOSE_TIMEOUT`` to end; False if it was
+        closing already. Counts it (``closes`` by code, and its own counter if any)."""
+        if self.state not in (State.CONNECTING, State.OPEN):
+            return False
+        self.to(State.CLOSING)
+        self.outbox.close(close.code, close.reason)
+        self.counters.closed(close)
+        # Also bounds a send blocked by a client that stopped reading (where it can be
+        # cancelled: hypercorn's trio worker shields its writes).
+        deadline = anyio.current_time() + CLOSE_TIMEOUT
+        self.cancel_scope.deadline = min(self.cancel_scope.deadline, deadline)
+        return True

@@ -1,0 +1,269 @@
+"""The node's core: its users' streams, whatever transport feeds them.
+
+A stream is one client of one user (a WebSocket today). ``Streams`` owns every stream of the
+node: who may open one (``admit``), the registry by user, joining live delivery with the replay
+(``attach``), fan-out of what the backend delivers, slow-consumer and displacement closes,
+leaving (``detach``), and the counters. It knows no ASGI message: a transport hands it a ``Wire``
+(how to frame messages) and a ``send``, and runs the stream's lifecycle around ``attach``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection, Iterable
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from . import codec, protocol
+from .auth import verify
+from .backends.base import Backend, Published, Replay
+from .limits import Settings
+from .outbox import FULL, Outbox
+from .protocol import Close, ResumePoint
+from .registry import Registry
+from .senders import Senders
+from .stats import Counters
+from .stream import Stream
+from .types import ClientMessageHook, Message, Principal, Send, VerifyToken
+from .wire import Wire
+
+logger = logging.getLogger("asgi_events")
+
+PRESSURE_ROUNDS = 16  # scheduling rounds a publisher yields at most while queues fill up
+
+
+class Streams:
+    """Every stream of this node, and how events reach them.
+
+    :param backend: where events are buffered and how they reach every node; ``Streams``
+        binds itself to it.
+    :param settings: the limits every stream gets.
+    :param verify_token: the application's token check (see ``EventHub``).
+    :param on_client_message: the application's hook for client messages, if any.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        settings: Settings,
+        verify_token: VerifyToken,
+        on_client_message: ClientMessageHook | None = None,
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.verify_token = verify_token
+        self.on_client_message = on_client_message
+        self.counters = Counters()
+        self.senders: Senders | None = None  # while the hub runs
+        self.accepting = True  # False after shutdown: new streams are refused with 1001
+        self._registry: Registry[Stream] = Registry()
+        # Every stream from joining until its close is out (or it is gone): registered ones,
+        # and closing ones no longer registered (displaced, slow), their close queued.
+        self._live: set[Stream] = set()
+        self._emptied: anyio.Event | None = None  # set once ``_live`` is empty, while waited on
+
+    # -- opening and closing -------------------------------------------------------------
+
+    async def admit(self, token: str | None) -> Principal | Close:
+        """Who ``token`` belongs to, or why a stream with it is refused (counted)."""
+        result: Principal | Close = protocol.AUTH_FAILED if token else protocol.MISSING_TOKEN
+        if token:
+            timeout = self.settings.verify_timeout
+            try:
+                principal = await verify(self.verify_token, token, timeout)
+            except TimeoutError:
+                logger.warning("verify_token did not answer within %.1f s", timeout)
+                result = protocol.AUTH_TIMEOUT
+            except Exception as exc:
+                # The exception text may quote the token, so log only its type.
+                logger.error("verify_token raised %s", type(exc).__name__)
+                result = protocol.AUTH_ERROR
+            else:
+                if principal is not None:
+                    expired = (
+                        principal.expires_at is not None and principal.expires_at <= time.time()
+                    )
+                    result = protocol.TOKEN_EXPIRED if expired else principal
+        if not self.accepting:  # the hub is shut down (perhaps while verify_token ran)
+            result = protocol.SHUTDOWN
+        elif not self.backend.healthy:  # live events could not reach the stream
+            result = protocol.SERVICE_RESTART
+        if isinstance(result, Close):
+            self.counters.refused(result)
+        return result
+
+    def create(
+        self,
+        principal: Principal,
+        wire: Wire,
+        send: Send,
+        resume: ResumePoint | None = None,
+        control: bool = False,
+        batch: bool = False,
+    ) -> Stream:
+        """A new stream of an admitted ``principal``; ``attach`` it next."""
+        stream = Stream(principal, wire, self.counters, resume, control)
+        stream.outbox = Outbox(
+            self.settings.send_queue_size,
+            self.settings.durable_limit,
+            self.counters,
+            wire,
+            send,
+            lambda error: self._finished(stream, error),
+        )
+        stream.outbox.batch = batch
+        return stream
+
+    async def attach(self, stream: Stream) -> None:
+        """Join live delivery and queue the replay and the ready message, so that nothing is
+        lost or doubled at the switch: live messages are held while the replay is read, then
+        those the replay covers are dropped (with the memory backend nothing can even arrive
+        in between: reading it does not suspend).
+
+        :raises BackendUnavailableError: the replay could not be read.
+        """
+        others = self._registry.of(stream.user_id)
+        if len(others) >= self.settings.max_connections_per_user:
+            oldest = next(iter(others))
+            oldest.close(protocol.TOO_MANY_CONNECTIONS)
+            self.detach(oldest)
+        self._registry.add(stream.user_id, stream)
+        self._live.add(stream)
+        resume, outbox = stream.resume, stream.outbox
+        if resume is None and not stream.control:
+            return
+        outbox.hold()
+        replay = await self.backend.replay(stream.user_id, resume)
+        if resume is not None:
+            self.counters.reconnection_count += 1
+            self.counters.replayed_events += len(replay.events)
+            self.counters.replays_incomplete += not replay.recovered
+            outbox.preload([stream.wire.event(e.text, e.id, None, False) for e in replay.events])
+        if stream.control:
+            outbox.preload([self._ready_message(stream.wire, replay, resume is not None)])
+        if outbox.release(replay.key) == FULL:
+            self._slow_consumer(stream)
+
+    def start(self, stream: Stream) -> bool:
+        """The stream is open: its queue may be sent from now on. False if no sender runs (the
+        hub is not running): then the transport runs ``stream.outbox.run`` itself."""
+        senders = self.senders
+        stream.outbox.start(None if senders is None else senders.ready)
+        return senders is not None
+
+    def detach(self, stream: Stream) -> None:
+        """No more live events for ``stream`` (it is closing or gone)."""
+        self._registry.remove(stream.user_id, stream)
+
+    def _finished(self, stream: Stream, error: Exception | None) -> None:
+        # Its close is out (or the peer is gone): it no longer counts as open. The transport
+        # waits (within the close deadline) for the peer's answer: closing TCP first could
+        # reset unread data.
+        self.detach(stream)
+        self._live.discard(stream)
+        if self._emptied is not None and not self._live:
+            self._emptied.set()
+        if error is not None:
+            logger.error("send raised %s: the stream is dropped", type(error).__name__)
+            stream.cancel_scope.cancel()
+
+    def _slow_consumer(self, stream: Stream) -> None:
+        stream.close(protocol.SLOW_CONSUMER)
+        self.detach(stream)
+
+    def _ready_message(self, wire: Wire, replay: Replay, resuming: bool) -> Message:
+        recovered = replay.recovered or not resuming
+        payload: dict[str, Any] = {
+            "position": replay.position,
+            "recovered": recovered,
+            "replayed": len(replay.events) if resuming else 0,
+        }
+        if not recovered:
+            payload["reason"] = replay.reason
+            payload["oldest"] = replay.oldest
+        ready = codec.encode({"type": protocol.READY, "payload": payload})
+        return wire.control(protocol.READY, ready)
+
+    async def close_all(self, close: Close, wait: float) -> None:
+        """Close every stream with ``close``; wait up to ``wait`` seconds for every close to be out
+        (also that of a stream closed just before, say displaced or too slow), then cancel the
+        rest, and forget them."""
+        if self._live:
+            if self._emptied is None or self._emptied.is_set():
+                self._emptied = anyio.Event()
+            emptied = self._emptied
+            for stream in list(self._registry.all()):
+                stream.close(close)
+            with anyio.move_on_after(wait):
+                await emptied.wait()
+            for stream in list(self._live):
+                stream.cancel_scope.cancel()
+        self._registry.clear()
+
+    async def lost(self) -> None:
+        """Delivery was interrupted: this node's streams may have missed events. Close them
+        with 1012 so that their clients resume (here or on another node) without a gap."""
+        for stream in list(self._registry.all()):
+            stream.close(protocol.SERVICE_RESTART)
+            self.detach(stream)
+
+    # -- fan-out -------------------------------------------------------------------------
+
+    async def deliver(self, event: Published) -> None:
+        """Queue ``event`` for this node's streams it is for (the backend's ``Deliver``)."""
+        user_id = event.user_id
+        streams = self._registry.all() if user_id is None else self._registry.of(user_id)
+        if streams:
+            await self.fan_out(streams, event)
+
+    async def fan_out(self, streams: Iterable[Stream], event: Published) -> None:
+        """Push ``event`` to each of ``streams``: one message per transport, built once."""
+        full: list[Stream] = []
+        pressed: list[Outbox] = []
+        wire: Wire | None = None
+        message: Message = {}
+        for stream in streams:
+            if stream.wire is not wire:
+                wire = stream.wire
+                message = wire.event(event.text, event.id, event.key, event.transient)
+            status = stream.outbox.push(message)
+            if status:  # the rare path
+                if status == FULL:
+                    full.append(stream)
+                elif not stream.outbox.stalled:  # (waiting would not help a stuck send)
+                    pressed.append(stream.outbox)
+        for stream in full:
+            self._slow_consumer(stream)
+        # Queues are filling up: let the senders run before the caller publishes more, for a
+        # few scheduling rounds at most, so that a stalled stream cannot hold the caller up.
+        for _ in range(PRESSURE_ROUNDS if pressed else 0):
+            await anyio.lowlevel.checkpoint()
+            if not any(box.pressed and not box.stalled for box in pressed):
+                break
+
+    # -- reading -------------------------------------------------------------------------
+
+    def of(self, user_id: str) -> Collection[Stream]:
+        """The open streams of ``user_id``."""
+        return self._registry.of(user_id)
+
+    def all(self) -> Collection[Stream]:
+        """Every open stream."""
+        return self._registry.all()
+
+    @property
+    def live(self) -> int:
+        """Streams whose close is not out yet (open ones, and closing ones)."""
+        return len(self._live)
+
+    def stats(self) -> dict[str, Any]:
+        """The registry's gauges and the counters."""
+        return {
+            "total_connections": len(self._registry),
+            "active_users": self._registry.user_count(),
+            "connections_per_user": self._registry.counts(),
+            **self.counters.as_dict(),
+        }

@@ -1,0 +1,1 @@
+"""What the tests share: a real server, WebSocket client helpers, a real redis-server, apps."""
