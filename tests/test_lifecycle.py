@@ -153,7 +153,10 @@ async def test_shutdown_is_bounded_with_a_stalled_client(serve: ServeFn, connect
         with anyio.fail_after(TIMEOUT):
             await hub.shutdown()
         assert hub.stats()["total_connections"] == 0
-        del stalled
+        # Read what is left before leaving: dropping the client while hypercorn's trio worker
+        # still sends to it races its close path with its own send (BusyResourceError in
+        # hypercorn 0.18's send_eof, which takes no send lock), a server bug, not this test's.
+        await close_code(stalled)
 
 
 async def test_server_stop_tells_clients_1001_and_exits(serve: ServeFn, connect: Connect) -> None:
