@@ -299,6 +299,7 @@ async def test_the_client_reconnects_resumes_pings_refreshes_and_stops(
         for tab in (idle, pinging):
             await tab.wait_for("seen.length >= 30", "30 events")
             assert [payload for payload, _ in await tab.js("seen")] == list(range(30))
+        await idle.wait_for("statuses.some(([, code]) => code === 4002)", "an idle close")
         assert ["closed", 4002] in await idle.js("statuses")
         assert all(ready["recovered"] for ready in await idle.js("readies"))
         assert await pinging.js("statuses") == [["connecting", None], ["open", None]]
