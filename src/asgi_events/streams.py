@@ -64,6 +64,7 @@ class Streams:
         # and closing ones no longer registered (displaced, slow), their close queued.
         self._live: set[Stream] = set()
         self._emptied: anyio.Event | None = None  # set once ``_live`` is empty, while waited on
+        self._wires: dict[Wire, int] = {}  # the transports' wires in use, with their streams
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -106,6 +107,7 @@ class Streams:
     ) -> Stream:
         """A new stream of an admitted ``principal``; ``attach`` it next."""
         stream = Stream(principal, wire, self.counters, resume, control)
+        self._wires[wire] = self._wires.get(wire, 0) + 1
         stream.outbox = Outbox(
             self.settings.send_queue_size,
             self.settings.durable_limit,
@@ -164,6 +166,9 @@ class Streams:
         # reset unread data.
         self.detach(stream)
         self._live.discard(stream)
+        left = self._wires.pop(stream.wire, 1) - 1
+        if left:
+            self._wires[stream.wire] = left
         if self._emptied is not None and not self._live:
             self._emptied.set()
         if error is not None:
@@ -223,12 +228,14 @@ class Streams:
         """Push ``event`` to each of ``streams``: one message per transport, built once."""
         full: list[Stream] = []
         pressed: list[Outbox] = []
-        wire: Wire | None = None
-        message: Message = {}
+        text, event_id, key, transient = event.text, event.id, event.key, event.transient
+        messages = {wire: wire.event(text, event_id, key, transient) for wire in self._wires}
+        # One transport in use (the common case): no lookup per stream.
+        single = len(messages) == 1
+        message = next(iter(messages.values())) if single else {}
         for stream in streams:
-            if stream.wire is not wire:
-                wire = stream.wire
-                message = wire.event(event.text, event.id, event.key, event.transient)
+            if not single:
+                message = messages.get(stream.wire) or _build(messages, stream.wire, event)
             status = stream.outbox.push(message)
             if status:  # the rare path
                 if status == FULL:
@@ -267,3 +274,8 @@ class Streams:
             "connections_per_user": self._registry.counts(),
             **self.counters.as_dict(),
         }
+
+
+def _build(messages: dict[Wire, Message], wire: Wire, event: Published) -> Message:
+    message = messages[wire] = wire.event(event.text, event.id, event.key, event.transient)
+    return message
