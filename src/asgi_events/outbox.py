@@ -307,20 +307,7 @@ class Outbox:
 
     async def _send_batch(self, send: Send) -> None:
         """Send what is queued (up to ``BATCH_BYTES``) as one batch; never waits for more."""
-        queue, wire, total = self._queue, self._wire, 0
-        taken: list[Message] = []
-        while queue and total < BATCH_BYTES:
-            size = wire.size(queue[0])
-            if size is None:  # it goes alone (a pong, which is not JSON)
-                if taken:
-                    break
-                await send(queue.popleft())
-                self.sent += 1
-                return
-            message = queue.popleft()
-            if type(message) is DurableMessage:
-                self._durable -= 1
-            taken.append(message)
-            total += size
-        await send(wire.batch(taken))
-        self.sent += len(taken)
+        message, taken, durable = self._wire.batch(self._queue, BATCH_BYTES)
+        self._durable -= durable
+        await send(message)
+        self.sent += taken

@@ -4,6 +4,7 @@ classes that mark what a message may cost a client (the outbox's policy reads th
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Protocol
 
 from .types import Message
@@ -39,10 +40,8 @@ class Wire(Protocol):
         """The message that ends the stream with a close code and reason."""
         ...
 
-    def batch(self, messages: list[Message]) -> Message:
-        """One message carrying ``messages`` (each with a ``size``), in order."""
-        ...
-
-    def size(self, message: Message) -> int | None:
-        """What ``message`` adds to a batch; None if it must be sent alone."""
+    def batch(self, queue: deque[Message], limit: int) -> tuple[Message, int, int]:
+        """Take what leads ``queue`` into one message, up to about ``limit`` characters (one
+        message at least; one that cannot share a batch, like a pong, goes alone). Returns the
+        message, how many it took, and how many of those were ``DurableMessage``."""
         ...

@@ -11,6 +11,7 @@ import inspect
 import logging
 import math
 import time
+from collections import deque
 from typing import Any
 
 import anyio
@@ -49,11 +50,20 @@ class WebSocketWire:
     def close(self, code: int, reason: str) -> Message:
         return {"type": "websocket.close", "code": code, "reason": reason}
 
-    def batch(self, messages: list[Message]) -> Message:
-        return {"type": "websocket.send", "text": codec.encode_batch(m["text"] for m in messages)}
-
-    def size(self, message: Message) -> int | None:
-        return None if message is self.pong else len(message["text"])
+    def batch(self, queue: deque[Message], limit: int) -> tuple[Message, int, int]:
+        pong = self.pong
+        if queue[0] is pong:  # not JSON: it goes alone, as the plain text "pong"
+            return queue.popleft(), 1, 0
+        texts: list[str] = []
+        size = durable = 0
+        while queue and size < limit and queue[0] is not pong:
+            message = queue.popleft()
+            if type(message) is DurableMessage:
+                durable += 1
+            texts.append(message["text"])
+            size += len(texts[-1])
+        batch = {"type": "websocket.send", "text": codec.encode_batch(texts)}
+        return batch, len(texts), durable
 
 
 WIRE = WebSocketWire()
