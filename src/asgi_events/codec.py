@@ -19,10 +19,12 @@ from .protocol import PONG, RESERVED_PREFIX, parse_timestamp
 
 __all__ = (
     "decode_frame",
+    "decode_message",
     "encode",
     "encode_batch",
     "parse_timestamp",
     "prepare",
+    "timestamp_after",
     "utc_now_iso",
     "with_id",
 )
