@@ -155,6 +155,14 @@ class ReplayLog:
         log = self._users.get(user_id)
         return log.last_seq if log is not None else self._forgotten_of(user_id).upto
 
+    def buffered(self, user_id: str, now: float) -> list[Entry]:
+        """Every frame buffered for ``user_id`` now, oldest first."""
+        log = self._touch(user_id)
+        if log is None:
+            return []
+        self._expire(log, now)
+        return list(log.live())
+
     def since_id(self, user_id: str, last_id: str, now: float) -> Resume:
         """The buffered frames after ``last_id``; ``recovered`` is false if any were lost."""
         epoch, offset = split_id(last_id) or ("", "")

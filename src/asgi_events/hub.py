@@ -101,6 +101,7 @@ class EventHub:
         self._backend.bind(
             self.streams.deliver,
             self.streams.lost,
+            disconnect=self.streams.disconnect,
             size=buffer_size,
             max_age=buffer_max_age,
             max_users=max_buffered_users,

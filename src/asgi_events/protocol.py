@@ -72,6 +72,7 @@ SERVICE_RESTART = Close(1012, "Service restart", Action.RETRY, 503, "backend")
 SLOW_CONSUMER = Close(1013, "Slow consumer", Action.RETRY, counter="slow_consumer_closes")
 TOKEN_EXPIRED = Close(4001, "Token expired", Action.REFRESH, 401, "expired")
 IDLE_TIMEOUT = Close(4002, "Idle timeout", Action.RETRY, counter="idle_closes")
+DISCONNECTED = Close(4003, "Disconnected", Action.DONE, counter="disconnects")
 # Codes a client sees that no asgi-events server sends: the connection broke, or a proxy
 # between them failed (1014 "Bad Gateway"). All are worth a retry.
 NO_STATUS = Close(1005, "", Action.RETRY)
@@ -93,11 +94,27 @@ CLOSES: tuple[Close, ...] = (
     SLOW_CONSUMER,
     TOKEN_EXPIRED,
     IDLE_TIMEOUT,
+    DISCONNECTED,
     NO_STATUS,
     ABNORMAL,
     BAD_GATEWAY,
 )
 """The close table. ``docs/protocol.md`` shows it; both clients' retry policies follow it."""
+
+
+def disconnect_close(code: int, reason: str) -> Close:
+    """The close that ``hub.disconnect`` sends: 4003 "Disconnected" by default.
+
+    :raises ValueError: ``code`` is not 1000, 1008 or in 4000-4999, or ``reason`` is longer
+        than a close frame allows (123 bytes of UTF-8).
+    """
+    if code not in (1000, 1008) and not 4000 <= code <= 4999:
+        raise ValueError(f"a disconnect's code must be 1000, 1008 or 4000-4999, not {code}")
+    if len(reason.encode("utf-8")) > 123:
+        raise ValueError("a close reason may have 123 bytes of UTF-8 at most")
+    if (code, reason) == (DISCONNECTED.code, DISCONNECTED.reason):
+        return DISCONNECTED
+    return Close(code, reason, client_action(code, reason), counter="disconnects")
 
 
 def client_action(code: int, reason: str) -> Action:
@@ -158,7 +175,8 @@ class ResumePoint:
     """Where a client asks to resume from, parsed once for every backend.
 
     Exactly one of: ``epoch`` and ``offset`` (after the event with that id), ``since`` (after
-    the events whose own timestamp is strictly later), or ``invalid`` (a value that is neither:
+    the events whose own timestamp is strictly later), ``start`` (every buffered event,
+    ``recovered``), or ``invalid`` (a value that is neither:
     nothing is replayed, and the ready message says ``recovered: false``, reason ``unknown``).
     """
 
@@ -166,6 +184,8 @@ class ResumePoint:
     offset: str | None = None
     since: datetime | None = None
     invalid: bool = False
+    start: bool = False
+    """Every buffered event, as complete (``hub.history`` with no ``after``)."""
 
     @classmethod
     def parse(cls, last_event_id: str | None, last_event_ts: str | None) -> ResumePoint | None:

@@ -23,6 +23,7 @@ class Counters:
     rate_limited: int = 0
     oversized_messages: int = 0
     idle_closes: int = 0
+    disconnects: int = 0  # streams closed by ``hub.disconnect``
     connections_displaced: int = 0
     reconnection_count: int = 0
     replays_incomplete: int = 0

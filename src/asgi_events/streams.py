@@ -208,6 +208,14 @@ class Streams:
                 stream.cancel_scope.cancel()
         self._registry.clear()
 
+    async def disconnect(self, user_id: str, code: int, reason: str) -> None:
+        """Close every stream of ``user_id`` on this node (``hub.disconnect``; the backend's
+        ``Disconnect``)."""
+        close = protocol.disconnect_close(code, reason)
+        for stream in list(self._registry.of(user_id)):
+            stream.close(close)
+            self.detach(stream)
+
     async def lost(self) -> None:
         """Delivery was interrupted: this node's streams may have missed events. Close them
         with 1012 so that their clients resume (here or on another node) without a gap."""

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .hooks import ConnectionInfo
+    from .request import HandshakeRequest
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -24,20 +29,40 @@ class Principal:
     :param user_id: the user the socket belongs to.
     :param expires_at: UNIX time (seconds, like a JWT's ``exp``) at which the socket is closed
         with 4001 "Token expired"; None for never.
+    :param info: free metadata of the application's (a JWT's claims, a session's roles), shown
+        to the hooks in ``ConnectionInfo.principal``; read-only once given.
     """
 
     user_id: str
     expires_at: float | None = None
+    info: Mapping[str, Any] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         if self.expires_at is not None and not math.isfinite(self.expires_at):
             raise ValueError("expires_at must be a finite UNIX time, or None")
+        if not isinstance(self.info, MappingProxyType):
+            object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
 
 
 VerifyToken = Callable[
     [str], str | Principal | Awaitable[str | Principal | None] | Awaitable[str | None] | None
 ]
 """``(token) -> user id | Principal | None``, sync (run in a worker thread) or async."""
+
+Authenticate = Callable[
+    ["HandshakeRequest"],
+    str | Principal | Awaitable[str | Principal | None] | Awaitable[str | None] | None,
+]
+"""``(request) -> user id | Principal | None``, sync (run in a worker thread) or async: the
+request-aware alternative to ``VerifyToken`` (cookies, headers, the address)."""
+
+ConnectHook = Callable[["ConnectionInfo"], Awaitable[None] | None]
+"""``(info) -> None``, sync or async: a connection is open (``EventHub(on_connect=...)``)."""
+
+DisconnectHook = Callable[["ConnectionInfo", int], Awaitable[None] | None]
+"""``(info, code) -> None``, sync or async: a connection ended with ``code``."""
 
 ClientMessageHook = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 """``(user_id, message) -> None``, sync or async, called for each JSON object a client sends."""

@@ -48,10 +48,16 @@ class Node:
     clock: Clock | None
     delivered: list[Published] = field(default_factory=list)
     losses: int = 0
+    disconnects: list[tuple[str, int, str]] = field(default_factory=list)
     _changed: anyio.Event = field(default_factory=anyio.Event)
 
     async def deliver(self, published: Published) -> None:
         self.delivered.append(published)
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def disconnect(self, user_id: str, code: int, reason: str) -> None:
+        self.disconnects.append((user_id, code, reason))
         self._changed.set()
         self._changed = anyio.Event()
 
@@ -149,7 +155,14 @@ class Subject:
         """A started backend (a node of its own, sharing the prefix for Redis)."""
         backend, clock = self.make(**options)
         node = Node(backend, self.kind, clock)
-        backend.bind(node.deliver, node.lost, size=size, max_age=max_age, max_users=max_users)
+        backend.bind(
+            node.deliver,
+            node.lost,
+            disconnect=node.disconnect,
+            size=size,
+            max_age=max_age,
+            max_users=max_users,
+        )
         async with anyio.create_task_group() as tg:
             await backend.start(tg)
             try:

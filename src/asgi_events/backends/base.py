@@ -31,6 +31,16 @@ or the messages they send. The contract, which ``tests/backends/`` checks for ev
 
   With ``since`` (a timestamp), ``events`` are the buffered events whose own timestamp is
   strictly later; ``recovered`` is False if a dropped event was later too.
+- **Latest values.** An event published with a ``latest`` slot is transient (live only, no id)
+  but the backend keeps it as the user's latest value of that slot, replacing the previous
+  one, for ``max_age`` seconds at most; ``replay(..., latest=True).latest`` returns the values
+  kept, oldest first (by when they were published), as they were delivered.
+- **Disconnect.** ``disconnect(user_id, code, reason)`` reaches every node's bound
+  ``disconnect`` callback (this node's included), in order with the user's events: events
+  published before it are delivered before it.
+- **Presence.** The hub tells its backend how many streams of a user this node holds
+  (``present``, on every change); ``presence`` sums them over the live nodes. A node that
+  stops without saying goodbye stops counting within a bound the backend documents.
 - **Loss.** When delivery may have been interrupted (a lost subscription), the backend sets
   ``healthy`` to False and awaits ``lost()``: the hub closes every stream with 1012 so that
   clients resume. While unhealthy, new streams are refused. It recovers by itself.
@@ -38,8 +48,8 @@ or the messages they send. The contract, which ``tests/backends/`` checks for ev
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from anyio.abc import TaskGroup
@@ -71,6 +81,9 @@ Deliver = Callable[[Published], Awaitable[None]]
 Lost = Callable[[], Awaitable[None]]
 """Called when delivery was interrupted: events may have been missed, so streams must go."""
 
+Disconnect = Callable[[str, int, str], Awaitable[None]]
+"""``(user_id, code, reason)``: close every stream of the user on this node."""
+
 
 @dataclass(frozen=True, slots=True)
 class Replay:
@@ -82,6 +95,8 @@ class Replay:
     recovered: bool = True
     reason: GapReason | None = None
     oldest: str | None = None
+    latest: list[Published] = field(default_factory=list)
+    """The user's latest values, oldest first (only when asked for: ``replay(latest=True)``)."""
 
 
 class Backend(Protocol):
@@ -91,9 +106,17 @@ class Backend(Protocol):
     """False while events cannot be delivered (new streams are refused with 1012)."""
 
     def bind(
-        self, deliver: Deliver, lost: Lost, *, size: int, max_age: float, max_users: int | None
+        self,
+        deliver: Deliver,
+        lost: Lost,
+        *,
+        disconnect: Disconnect,
+        size: int,
+        max_age: float,
+        max_users: int | None,
     ) -> None:
-        """Called once by the hub: where to deliver, whom to tell of a loss, buffer bounds."""
+        """Called once by the hub: where to deliver, whom to tell of a loss and of a
+        disconnect, and the buffer's bounds."""
 
     async def start(self, task_group: TaskGroup) -> None:
         """Start background work (subscriptions, expiry) in the hub's task group."""
@@ -101,10 +124,15 @@ class Backend(Protocol):
     async def stop(self) -> None:
         """Stop delivering and release resources."""
 
-    async def publish(self, user_id: str, fields: dict[str, Any], transient: bool) -> None:
-        """Buffer (unless ``transient``) and deliver an event of one user, on every node.
+    async def publish(
+        self, user_id: str, fields: dict[str, Any], transient: bool, latest: str | None = None
+    ) -> str | None:
+        """Buffer (unless ``transient``) and deliver an event of one user, on every node; its
+        id, or None for a transient one.
 
-        ``fields`` are the event's, without ``id``: the backend assigns it.
+        ``fields`` are the event's, without ``id``: the backend assigns it. With ``latest`` (a
+        slot: the event's type and key, encoded), the event is transient and kept as the
+        user's latest value of that slot.
 
         :raises BackendUnavailableError: the event could not be published.
         """
@@ -115,13 +143,32 @@ class Backend(Protocol):
         :raises BackendUnavailableError: the event could not be published.
         """
 
-    async def replay(self, user_id: str, resume: ResumePoint | None) -> Replay:
-        """The position of ``user_id`` and, if ``resume`` is given, what follows it.
+    async def replay(
+        self, user_id: str, resume: ResumePoint | None, latest: bool = False
+    ) -> Replay:
+        """The position of ``user_id`` and, if ``resume`` is given, what follows it; with
+        ``latest``, the user's latest values too (read at the same moment).
 
         The caller holds live events for this user aside while it awaits this, and drops
         those with a key up to ``Replay.key`` afterwards, so the switch loses nothing.
 
         :raises BackendUnavailableError: the replay could not be read.
+        """
+
+    async def disconnect(self, user_id: str, code: int, reason: str) -> None:
+        """Have every node close every stream of ``user_id`` with ``code`` and ``reason``.
+
+        :raises BackendUnavailableError: the request could not be published.
+        """
+
+    def present(self, user_id: str, count: int) -> None:
+        """This node now holds ``count`` streams of ``user_id`` (never blocks: a shared
+        backend records it in the background, coalescing changes)."""
+
+    async def presence(self, user_ids: Collection[str]) -> dict[str, int]:
+        """Open streams of each of ``user_ids`` on every live node (0 for unknown users).
+
+        :raises BackendUnavailableError: the counts could not be read.
         """
 
     async def clear(self) -> None:

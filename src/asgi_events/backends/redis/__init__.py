@@ -29,7 +29,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from ... import codec
 from ...errors import BackendUnavailableError
 from ...protocol import ResumePoint
-from ..base import Deliver, Lost, Replay
+from ..base import Deliver, Disconnect, Lost, Replay
 from . import routing
 from .routing import UserKeys
 from .storage import Storage
@@ -154,7 +154,14 @@ class RedisBackend:
     # -- the backend contract --------------------------------------------------------------
 
     def bind(
-        self, deliver: Deliver, lost: Lost, *, size: int, max_age: float, max_users: int | None
+        self,
+        deliver: Deliver,
+        lost: Lost,
+        *,
+        disconnect: Disconnect,
+        size: int,
+        max_age: float,
+        max_users: int | None,
     ) -> None:
         # ``max_users`` does not apply: users' keys expire in Redis by themselves.
         self._deliver, self._lost = deliver, lost
