@@ -1,18 +1,24 @@
 """Credentials: what a handshake asks for (token, resume point, subprotocol, origin), and the
-adapter that runs the application's ``verify_token``."""
+``Authenticator`` that runs the application's ``verify_token`` or ``authenticate``."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlsplit
 
 import anyio.to_thread
 
-from .protocol import SUBPROTOCOLS, TOKEN_PROTOCOL_PREFIX, ResumePoint
+from . import protocol
+from .protocol import SUBPROTOCOLS, TOKEN_PROTOCOL_PREFIX, Close, ResumePoint
+from .request import Authenticate, HandshakeRequest
 from .types import Principal, Scope, VerifyToken
+
+logger = logging.getLogger("asgi_events")
 
 _DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 
@@ -68,10 +74,24 @@ def _bearer(headers: dict[str, str]) -> str | None:
 
 
 def _token_protocol(offered: object) -> str | None:
-    for protocol in offered if isinstance(offered, (list, tuple)) else ():
-        if isinstance(protocol, str) and protocol.startswith(TOKEN_PROTOCOL_PREFIX):
-            return protocol[len(TOKEN_PROTOCOL_PREFIX) :] or None
+    for name in offered if isinstance(offered, (list, tuple)) else ():
+        if isinstance(name, str) and name.startswith(TOKEN_PROTOCOL_PREFIX):
+            return name[len(TOKEN_PROTOCOL_PREFIX) :] or None
     return None
+
+
+def parse_origins(allowed: Iterable[str]) -> frozenset[str]:
+    """``allowed_origins`` normalised (``normalize_origin``); a single string is one origin.
+
+    :raises ValueError: one is not an origin.
+    """
+    origins = set()
+    for origin in [allowed] if isinstance(allowed, str) else allowed:
+        normal = normalize_origin(origin)
+        if normal is None:
+            raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
+        origins.add(normal)
+    return frozenset(origins)
 
 
 def normalize_origin(origin: str) -> str | None:
@@ -86,18 +106,62 @@ def normalize_origin(origin: str) -> str | None:
     return f"{parts.scheme.lower()}://{parts.hostname.lower()}:{port}"
 
 
-async def verify(verify_token: VerifyToken, token: str, limit: float) -> Principal | None:
-    """Run the user's ``verify_token`` within ``limit`` seconds; a sync one runs in a thread.
+class Authenticator:
+    """The application's check of a connection request: exactly one of ``verify_token`` (given
+    the token; a request without one is refused before it is called) and ``authenticate``
+    (given the whole ``HandshakeRequest``: cookies, headers, address).
+
+    :raises TypeError: neither or both are given.
+    """
+
+    def __init__(
+        self, verify_token: VerifyToken | None = None, authenticate: Authenticate | None = None
+    ) -> None:
+        if (verify_token is None) == (authenticate is None):
+            raise TypeError("give EventHub exactly one of verify_token and authenticate")
+        self.request_aware = authenticate is not None
+        self.reads_cookies = bool(getattr(authenticate, "reads_cookies", False))
+        self._check: Callable[[Any], object] = cast(
+            "Callable[[Any], object]", verify_token or authenticate
+        )
+        self._name = "verify_token" if verify_token is not None else "authenticate"
+
+    async def __call__(self, request: HandshakeRequest, limit: float) -> Principal | Close:
+        """Who ``request`` is from, or why it is refused, within ``limit`` seconds; never
+        raises for the check's sake."""
+        if not self.request_aware and not request.token:
+            return protocol.MISSING_TOKEN
+        argument = request if self.request_aware else request.token
+        try:
+            principal = await verify(self._check, argument, limit, self._name)
+        except TimeoutError:
+            logger.warning("%s did not answer within %.1f s", self._name, limit)
+            return protocol.AUTH_TIMEOUT
+        except Exception as exc:
+            # The exception text may quote the token or a cookie, so log only its type.
+            logger.error("%s raised %s", self._name, type(exc).__name__)
+            return protocol.AUTH_ERROR
+        if principal is None:
+            return protocol.AUTH_FAILED
+        if principal.expires_at is not None and principal.expires_at <= time.time():
+            return protocol.TOKEN_EXPIRED
+        return principal
+
+
+async def verify(
+    check: Callable[[Any], object], argument: object, limit: float, name: str = "verify_token"
+) -> Principal | None:
+    """Run ``check(argument)`` within ``limit`` seconds; a sync one runs in a thread.
 
     :raises TimeoutError: it did not answer in time.
     :raises TypeError: it returned neither a user id (str), a ``Principal``, nor None.
     """
     result: object
     with anyio.fail_after(limit):
-        if _is_async(verify_token):
-            result = await cast("Awaitable[object]", verify_token(token))
+        if _is_async(check):
+            result = await cast("Awaitable[object]", check(argument))
         else:
-            result = await anyio.to_thread.run_sync(verify_token, token, abandon_on_cancel=True)
+            result = await anyio.to_thread.run_sync(check, argument, abandon_on_cancel=True)
             if inspect.isawaitable(result):
                 result = await result
     if result is None or result == "":
@@ -106,7 +170,7 @@ async def verify(verify_token: VerifyToken, token: str, limit: float) -> Princip
         return Principal(result)
     if isinstance(result, Principal) and result.user_id:
         return result
-    raise TypeError(f"verify_token must return a user id, a Principal or None, not {result!r}")
+    raise TypeError(f"{name} must return a user id, a Principal or None, not {type(result)}")
 
 
 def _is_async(fn: object) -> bool:

@@ -27,6 +27,7 @@ __all__ = (
     "timestamp_after",
     "utc_now_iso",
     "with_id",
+    "with_latest",
 )
 
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
@@ -74,6 +75,11 @@ def encode(message: Mapping[str, Any]) -> str:
 def with_id(encoded: str, event_id: str) -> str:
     """``encoded`` (an object from ``encode`` with no ``id``) with ``"id": event_id`` added last."""
     return f"{encoded[:-1]},{_quote('id')}:{_quote(event_id)}}}"
+
+
+def with_latest(encoded: str) -> str:
+    """``encoded`` with ``"latest": true`` added last: a latest value sent on connect."""
+    return f"{encoded[:-1]},{_quote('latest')}:true}}"
 
 
 def encode_batch(texts: Iterable[str]) -> str:

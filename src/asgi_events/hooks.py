@@ -71,3 +71,10 @@ async def call_hook(
         logger.exception("%s raised for connection %s", name, info.connection_id)
     finally:
         _current.reset(token)
+
+
+ConnectHook = Callable[[ConnectionInfo], Awaitable[None] | None]
+"""``(info) -> None``, sync or async: a connection is open (``EventHub(on_connect=...)``)."""
+
+DisconnectHook = Callable[[ConnectionInfo, int], Awaitable[None] | None]
+"""``(info, code) -> None``, sync or async: a connection ended with ``code``."""

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
 import anyio
 import anyio.abc
 
-from . import codec, protocol
+from . import codec, latest, protocol
+from .auth import Authenticator
 from .backends.base import Backend
 from .backends.memory import MemoryBackend
+from .history import History, read_history
+from .hooks import ConnectHook, DisconnectHook
 from .limits import Refusal, Settings
+from .request import Authenticate
 from .senders import Senders
 from .stats import Histogram
 from .streams import Streams
@@ -25,8 +29,25 @@ class EventHub:
 
     :param verify_token: ``(token) -> user id | Principal | None``, sync (run in a worker
         thread) or async. A ``Principal`` with ``expires_at`` has its sockets closed with 4001
-        at that time.
+        at that time. A request without a token is refused without calling it.
+    :param authenticate: instead of ``verify_token`` (give exactly one),
+        ``(request: HandshakeRequest) -> user id | Principal | None``, sync (run in a worker
+        thread) or async: it sees the headers, cookies, query, address and token, so it can
+        authenticate by a session cookie or a header a proxy sets (``asgi_events.jwt`` makes
+        one for JWTs). Reading cookies needs ``EventsMiddleware(allowed_origins=...)``.
     :param transient_types: event types delivered live but never buffered for replay.
+    :param latest_types: event types delivered live only (no id, never replayed) whose latest
+        value the hub keeps per user, type and key, where the key is the value at a dotted
+        path of the event (``{"JOB_PROGRESS": "payload.jobId"}``; ``None`` where the path does
+        not resolve). A connecting client gets the values kept after its replay and before
+        the ready message, oldest first, each with ``"latest": true``. Kept for
+        ``buffer_max_age`` seconds, at most ``latest.LATEST_PER_USER`` keys per user.
+    :param on_connect: ``(info: ConnectionInfo) -> None``, sync or async, once a connection is
+        open (its replay queued); runs before its messages are read.
+    :param on_disconnect: ``(info, code) -> None``, sync or async, once a connection whose
+        ``on_connect`` ran has ended, with the close code (the server's, else the client's;
+        1006 if there was none); it gets ``HOOK_TIMEOUT`` seconds at shutdown. A hook that
+        raises is logged and counted in ``hook_errors``; the connection goes on.
     :param buffer_size: events kept per user for replay.
     :param buffer_max_age: seconds an event is kept for replay, from when it was buffered.
     :param max_buffered_users: users whose events are kept at most; the least recently used
@@ -62,9 +83,13 @@ class EventHub:
 
     def __init__(
         self,
-        verify_token: VerifyToken,
+        verify_token: VerifyToken | None = None,
         *,
+        authenticate: Authenticate | None = None,
         transient_types: Iterable[str] = ("JOB_PROGRESS", "CUSTOMER_UPDATE_PROGRESS"),
+        latest_types: Mapping[str, str] | None = None,
+        on_connect: ConnectHook | None = None,
+        on_disconnect: DisconnectHook | None = None,
         buffer_size: int = 200,
         buffer_max_age: float = 300.0,
         max_buffered_users: int | None = 10_000,
@@ -93,10 +118,19 @@ class EventHub:
             refusal=refusal,
         )
         self._transient = frozenset(transient_types)
+        self._latest = dict(latest_types or {})
         self._shutdown_timeout = shutdown_timeout
         self._clock = clock
         self._backend: Backend = backend if backend is not None else MemoryBackend(clock)
-        self.streams = Streams(self._backend, settings, verify_token, on_client_message)
+        self.streams = Streams(
+            self._backend,
+            settings,
+            Authenticator(verify_token, authenticate),
+            on_client_message,
+            on_connect,
+            on_disconnect,
+            latest=bool(self._latest),
+        )
         """The node's streams, which transports feed (``streams.py``); not for applications."""
         self._backend.bind(
             self.streams.deliver,
@@ -124,22 +158,27 @@ class EventHub:
         """Seconds each ``broadcast`` and ``broadcast_to_all`` call took (for metrics)."""
         return self._latency
 
-    async def broadcast(self, user_id: str, event: Event) -> None:
-        """Send ``event`` to every socket of ``user_id`` and buffer it for replay.
+    async def broadcast(self, user_id: str, event: Event) -> str | None:
+        """Send ``event`` to every socket of ``user_id`` and buffer it for replay; its id (as
+        clients receive it), or None for a transient or latest-value type (never buffered).
 
-        Transient types are not buffered. A user with no socket is no error: the event is still
-        buffered. Never waits for a socket: with the memory backend it returns once the event
-        is queued for every socket; with Redis, once Redis has it (sockets on every node,
-        this one included, get it through the subscription).
+        A user with no socket is no error: the event is still buffered. Never waits for a
+        socket: with the memory backend it returns once the event is queued for every socket;
+        with Redis, once Redis has it (sockets on every node, this one included, get it
+        through the subscription).
 
         :raises InvalidEventError: ``event`` is not a mapping with a string ``type``, or not JSON.
         :raises BackendUnavailableError: the backend could not take it.
         """
         started = time.perf_counter()
         fields = codec.prepare(event)
-        await self._backend.publish(user_id, fields, fields["type"] in self._transient)
+        kind = fields["type"]
+        path = self._latest.get(kind)
+        slot = None if path is None else latest.slot(kind, fields, path)
+        event_id = await self._backend.publish(user_id, fields, kind in self._transient, slot)
         self.streams.counters.events_published += 1
         self._latency.observe(time.perf_counter() - started)
+        return event_id
 
     async def broadcast_to_all(self, event: Event) -> None:
         """Send ``event`` to every open socket; it is not buffered.
@@ -151,6 +190,63 @@ class EventHub:
         await self._backend.publish_to_all(codec.encode(codec.prepare(event)))
         self.streams.counters.events_published += 1
         self._latency.observe(time.perf_counter() - started)
+
+    async def position(self, user_id: str) -> str:
+        """The id a client may resume from (``lastEventId``) to get exactly the events of
+        ``user_id`` published after this call: the user's newest id, or the epoch's origin.
+
+        Read it *before* the application's own state to load a snapshot and go live without
+        a gap (see "Using it from your app" in the README).
+
+        :raises BackendUnavailableError: the backend could not be read.
+        """
+        return (await self._backend.replay(user_id, None)).position
+
+    async def history(
+        self, user_id: str, after: str | None = None, limit: int | None = None
+    ) -> History:
+        """The buffered events of ``user_id`` after the id ``after`` (everything buffered if
+        None), oldest first, at most ``limit`` of them (the oldest ones: page on with
+        ``after=events[-1]["id"]``); see ``History``. Transient events are never in it.
+
+        :raises ValueError: ``limit`` is negative.
+        :raises BackendUnavailableError: the backend could not be read.
+        """
+        return await read_history(self._backend, user_id, after, limit)
+
+    async def disconnect(
+        self,
+        user_id: str,
+        *,
+        code: int = protocol.DISCONNECTED.code,
+        reason: str = protocol.DISCONNECTED.reason,
+    ) -> None:
+        """Close every connection of ``user_id`` on every node with ``code`` and ``reason``
+        (logout, ban, password change): clients treat 4003 as final and do not reconnect.
+        Connections of the user being admitted right now are closed too. Revoke the user's
+        credentials first, or it may simply connect again.
+
+        :raises ValueError: ``code`` is not 1000, 1008 or 4000-4999, or ``reason`` is longer
+            than 123 bytes.
+        :raises BackendUnavailableError: the backend could not take it.
+        """
+        close = protocol.disconnect_close(code, reason)
+        await self._backend.disconnect(user_id, close.code, close.reason)
+
+    async def presence(self, user_id: str) -> int:
+        """Open connections of ``user_id`` on every node (0 for an unknown user).
+
+        :raises BackendUnavailableError: the backend could not be read.
+        """
+        return (await self._backend.presence([user_id]))[user_id]
+
+    async def online(self, user_ids: Iterable[str]) -> set[str]:
+        """Which of ``user_ids`` have at least one open connection on any node.
+
+        :raises BackendUnavailableError: the backend could not be read.
+        """
+        counts = await self._backend.presence(list(dict.fromkeys(user_ids)))
+        return {user_id for user_id, count in counts.items() if count}
 
     def stats(self) -> dict[str, Any]:
         """Counters and gauges, as a JSON-ready dict."""

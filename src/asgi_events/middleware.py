@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from .auth import normalize_origin
+from .auth import parse_origins
 from .lifespan import run_lifespan
+from .request import COOKIE_WARNING
 from .script import serve_script
 from .transports import websocket
 
 if TYPE_CHECKING:
     from .hub import EventHub
     from .types import ASGIApp, Receive, Scope, Send
+
+logger = logging.getLogger("asgi_events")
 
 
 class EventsMiddleware:
@@ -26,6 +30,9 @@ class EventsMiddleware:
     :param allowed_origins: if given, the only ``scheme://host[:port]`` origins whose browser
         pages may open a socket (others get HTTP 403 in the handshake, against cross-site
         WebSocket hijacking); clients that send no Origin header (not browsers) are let in.
+        Required in practice when the hub's ``authenticate`` reads cookies: without it, that
+        is logged as an error at startup (when ``authenticate.reads_cookies`` says so) or at
+        the first request whose cookies it reads.
 
     With Starlette: ``Middleware(EventsMiddleware, hub=hub)``.
     """
@@ -42,24 +49,17 @@ class EventsMiddleware:
         self.hub = hub
         self.path = path
         self.script_path = path.rstrip("/") + "/client.js"
-        self.allowed_origins = None if allowed_origins is None else _origins(allowed_origins)
+        self.allowed_origins = None if allowed_origins is None else parse_origins(allowed_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope["path"] == self.path:
             await websocket.serve(self.hub.streams, scope, receive, send, self.allowed_origins)
         elif scope["type"] == "lifespan":
+            authenticator = self.hub.streams.authenticator
+            if authenticator.reads_cookies and self.allowed_origins is None:
+                logger.error(COOKIE_WARNING)  # at startup: the first request would be late
             await run_lifespan(self.app, self.hub, scope, receive, send)
         elif scope["type"] == "http" and scope["path"] == self.script_path:
             await serve_script(scope, receive, send)
         else:
             await self.app(scope, receive, send)
-
-
-def _origins(allowed: Iterable[str]) -> frozenset[str]:
-    origins = set()
-    for origin in [allowed] if isinstance(allowed, str) else allowed:
-        normal = normalize_origin(origin)
-        if normal is None:
-            raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
-        origins.add(normal)
-    return frozenset(origins)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-from .types import Scope
+from .types import Principal, Scope
 
 logger = logging.getLogger("asgi_events")
 
@@ -87,3 +87,11 @@ class HandshakeRequest:
 
     def __repr__(self) -> str:  # never the token or a cookie: reprs end up in logs
         return f"HandshakeRequest(path={self.path!r}, client={self.client!r})"
+
+
+Authenticate = Callable[
+    [HandshakeRequest],
+    str | Principal | Awaitable[str | Principal | None] | Awaitable[str | None] | None,
+]
+"""``(request) -> user id | Principal | None``, sync (run in a worker thread) or async: the
+request-aware alternative to ``VerifyToken`` (cookies, headers, the address)."""

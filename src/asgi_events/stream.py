@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import enum
+import secrets
+from datetime import datetime, timezone
 
 import anyio
 
+from .hooks import ConnectionInfo, Transport
 from .outbox import Outbox
 from .protocol import Close, ResumePoint
 from .stats import Counters
@@ -39,13 +42,18 @@ class Stream:
     :param wire: how its transport frames messages.
     :param resume: where its client asked to resume from, if anywhere.
     :param control: whether it gets control messages (the ready message).
+    :param transport, subprotocol, client: what ``info`` says of its connection.
     """
 
     __slots__ = (
+        "admitted_at",
+        "announced",
         "cancel_scope",
+        "code",
         "control",
         "counters",
         "expires_at",
+        "info",
         "outbox",
         "resume",
         "state",
@@ -53,6 +61,8 @@ class Stream:
         "wire",
     )
     outbox: Outbox
+    admitted_at: float
+    """``anyio.current_time()`` before its request was checked."""
 
     def __init__(
         self,
@@ -61,6 +71,10 @@ class Stream:
         counters: Counters,
         resume: ResumePoint | None = None,
         control: bool = False,
+        *,
+        transport: Transport = "websocket",
+        subprotocol: str | None = None,
+        client: tuple[str, int] | None = None,
     ) -> None:
         self.user_id = principal.user_id
         self.expires_at = principal.expires_at
@@ -70,6 +84,19 @@ class Stream:
         self.control = control
         self.state = State.CONNECTING
         self.cancel_scope = anyio.CancelScope()
+        self.info = ConnectionInfo(
+            user_id=principal.user_id,
+            connection_id=secrets.token_hex(8),
+            transport=transport,
+            subprotocol=subprotocol,
+            client=client,
+            connected_at=datetime.now(timezone.utc),
+            principal=principal,
+        )
+        """What the application's hooks are told of it."""
+        self.announced = False  # on_connect ran: on_disconnect is due
+        self.code: int | None = None
+        """The close code it ended with: the server's, else the client's."""
 
     def to(self, state: State) -> None:
         """Move to ``state``.
@@ -86,6 +113,7 @@ class Stream:
         if self.state not in (State.CONNECTING, State.OPEN):
             return False
         self.to(State.CLOSING)
+        self.code = close.code
         self.outbox.close(close.code, close.reason)
         self.counters.closed(close)
         # Also bounds a send blocked by a client that stopped reading (where it can be

@@ -10,7 +10,6 @@ leaving (``detach``), and the counters. It knows no ASGI message: a transport ha
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Collection, Iterable
 from typing import Any
 
@@ -18,21 +17,24 @@ import anyio
 import anyio.lowlevel
 
 from . import codec, protocol
-from .auth import verify
+from .auth import Authenticator
 from .backends.base import Backend, Published, Replay
+from .hooks import ConnectHook, DisconnectHook, Transport, call_hook
 from .limits import Settings
 from .outbox import FULL, Outbox
 from .protocol import Close, ResumePoint
 from .registry import Registry
+from .request import HandshakeRequest
 from .senders import Senders
 from .stats import Counters
 from .stream import Stream
-from .types import ClientMessageHook, Message, Principal, Send, VerifyToken
+from .types import ClientMessageHook, Message, Principal, Send
 from .wire import Wire
 
 logger = logging.getLogger("asgi_events")
 
 PRESSURE_ROUNDS = 16  # scheduling rounds a publisher yields at most while queues fill up
+HOOK_TIMEOUT = 5.0  # seconds on_disconnect may take once its connection is cancelled
 
 
 class Streams:
@@ -41,21 +43,30 @@ class Streams:
     :param backend: where events are buffered and how they reach every node; ``Streams``
         binds itself to it.
     :param settings: the limits every stream gets.
-    :param verify_token: the application's token check (see ``EventHub``).
+    :param authenticator: the application's check of connection requests.
     :param on_client_message: the application's hook for client messages, if any.
+    :param on_connect: called once a stream is open (see ``EventHub``).
+    :param on_disconnect: called once a stream that was open has ended.
+    :param latest: whether connecting streams get the user's latest values.
     """
 
     def __init__(
         self,
         backend: Backend,
         settings: Settings,
-        verify_token: VerifyToken,
+        authenticator: Authenticator,
         on_client_message: ClientMessageHook | None = None,
+        on_connect: ConnectHook | None = None,
+        on_disconnect: DisconnectHook | None = None,
+        latest: bool = False,
     ) -> None:
         self.backend = backend
         self.settings = settings
-        self.verify_token = verify_token
+        self.authenticator = authenticator
         self.on_client_message = on_client_message
+        self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+        self.latest = latest
         self.counters = Counters()
         self.senders: Senders | None = None  # while the hub runs
         self.accepting = True  # False after shutdown: new streams are refused with 1001
@@ -65,30 +76,16 @@ class Streams:
         self._live: set[Stream] = set()
         self._emptied: anyio.Event | None = None  # set once ``_live`` is empty, while waited on
         self._wires: dict[Wire, int] = {}  # the transports' wires in use, with their streams
+        # Users disconnected lately, with when and how: a stream whose request was admitted
+        # before that (its check ran on credentials since revoked) is closed when it attaches.
+        self._cuts: dict[str, tuple[float, Close]] = {}
 
     # -- opening and closing -------------------------------------------------------------
 
-    async def admit(self, token: str | None) -> Principal | Close:
-        """Who ``token`` belongs to, or why a stream with it is refused (counted)."""
-        result: Principal | Close = protocol.AUTH_FAILED if token else protocol.MISSING_TOKEN
-        if token:
-            timeout = self.settings.verify_timeout
-            try:
-                principal = await verify(self.verify_token, token, timeout)
-            except TimeoutError:
-                logger.warning("verify_token did not answer within %.1f s", timeout)
-                result = protocol.AUTH_TIMEOUT
-            except Exception as exc:
-                # The exception text may quote the token, so log only its type.
-                logger.error("verify_token raised %s", type(exc).__name__)
-                result = protocol.AUTH_ERROR
-            else:
-                if principal is not None:
-                    expired = (
-                        principal.expires_at is not None and principal.expires_at <= time.time()
-                    )
-                    result = protocol.TOKEN_EXPIRED if expired else principal
-        if not self.accepting:  # the hub is shut down (perhaps while verify_token ran)
+    async def admit(self, request: HandshakeRequest) -> Principal | Close:
+        """Who ``request`` is from, or why a stream for it is refused (counted)."""
+        result = await self.authenticator(request, self.settings.verify_timeout)
+        if not self.accepting:  # the hub is shut down (perhaps while the check ran)
             result = protocol.SHUTDOWN
         elif not self.backend.healthy:  # live events could not reach the stream
             result = protocol.SERVICE_RESTART
@@ -104,9 +101,28 @@ class Streams:
         resume: ResumePoint | None = None,
         control: bool = False,
         batch: bool = False,
+        *,
+        transport: Transport = "websocket",
+        subprotocol: str | None = None,
+        client: tuple[str, int] | None = None,
+        admitted_at: float | None = None,
     ) -> Stream:
-        """A new stream of an admitted ``principal``; ``attach`` it next."""
-        stream = Stream(principal, wire, self.counters, resume, control)
+        """A new stream of an admitted ``principal``; ``attach`` it next.
+
+        :param admitted_at: ``anyio.current_time()`` before its request was checked (a
+            ``disconnect`` of its user after that closes it).
+        """
+        stream = Stream(
+            principal,
+            wire,
+            self.counters,
+            resume,
+            control,
+            transport=transport,
+            subprotocol=subprotocol,
+            client=client,
+        )
+        stream.admitted_at = anyio.current_time() if admitted_at is None else admitted_at
         self._wires[wire] = self._wires.get(wire, 0) + 1
         stream.outbox = Outbox(
             self.settings.send_queue_size,
@@ -134,16 +150,25 @@ class Streams:
             self.detach(oldest)
         self._registry.add(stream.user_id, stream)
         self._live.add(stream)
-        resume, outbox = stream.resume, stream.outbox
-        if resume is None and not stream.control:
+        self._present(stream.user_id)
+        cut = self._cuts.get(stream.user_id)
+        if cut is not None and stream.admitted_at <= cut[0]:
+            stream.close(cut[1])  # admitted on credentials revoked since
+            self.detach(stream)
+            return
+        resume, outbox, wire = stream.resume, stream.outbox, stream.wire
+        if resume is None and not stream.control and not self.latest:
             return
         outbox.hold()
-        replay = await self.backend.replay(stream.user_id, resume)
+        replay = await self.backend.replay(stream.user_id, resume, self.latest)
         if resume is not None:
             self.counters.reconnection_count += 1
             self.counters.replayed_events += len(replay.events)
             self.counters.replays_incomplete += not replay.recovered
-            outbox.preload([stream.wire.event(e.text, e.id, None, False) for e in replay.events])
+            outbox.preload([wire.event(e.text, e.id, None, False) for e in replay.events])
+        if replay.latest:
+            values = [codec.with_latest(e.text) for e in replay.latest]
+            outbox.preload([wire.event(text, None, None, True) for text in values])
         if stream.control:
             outbox.preload([self._ready_message(stream.wire, replay, resume is not None)])
         if outbox.release(replay.key) == FULL:
@@ -158,7 +183,28 @@ class Streams:
 
     def detach(self, stream: Stream) -> None:
         """No more live events for ``stream`` (it is closing or gone)."""
-        self._registry.remove(stream.user_id, stream)
+        if stream in self._registry.of(stream.user_id):
+            self._registry.remove(stream.user_id, stream)
+            self._present(stream.user_id)
+
+    def _present(self, user_id: str) -> None:
+        self.backend.present(user_id, len(self._registry.of(user_id)))
+
+    async def opened(self, stream: Stream) -> None:
+        """The stream is open: run ``on_connect`` (then ``on_disconnect`` will run too)."""
+        stream.announced = True
+        if self.on_connect is not None:
+            await call_hook(self.on_connect, stream.info, self.counters, stream.info)
+
+    async def ended(self, stream: Stream) -> None:
+        """The stream has ended: run ``on_disconnect`` if ``on_connect`` ran (within
+        ``HOOK_TIMEOUT``, even while the stream's task is being cancelled)."""
+        if not stream.announced or self.on_disconnect is None:
+            return
+        stream.announced = False
+        code = stream.code if stream.code is not None else protocol.ABNORMAL.code
+        with anyio.CancelScope(shield=True), anyio.move_on_after(HOOK_TIMEOUT):
+            await call_hook(self.on_disconnect, stream.info, self.counters, stream.info, code)
 
     def _finished(self, stream: Stream, error: Exception | None) -> None:
         # Its close is out (or the peer is gone): it no longer counts as open. The transport
@@ -206,12 +252,21 @@ class Streams:
                 await emptied.wait()
             for stream in list(self._live):
                 stream.cancel_scope.cancel()
-        self._registry.clear()
+        for stream in list(self._registry.all()):
+            self.detach(stream)
 
     async def disconnect(self, user_id: str, code: int, reason: str) -> None:
         """Close every stream of ``user_id`` on this node (``hub.disconnect``; the backend's
-        ``Disconnect``)."""
+        ``Disconnect``), and those of its requests being admitted now."""
         close = protocol.disconnect_close(code, reason)
+        now = anyio.current_time()
+        horizon = now - self.settings.verify_timeout - 1.0  # no admission is older than that
+        for cut_user, (at, _) in list(self._cuts.items()):
+            if at >= horizon:
+                break  # (oldest first)
+            del self._cuts[cut_user]
+        self._cuts.pop(user_id, None)
+        self._cuts[user_id] = (now, close)
         for stream in list(self._registry.of(user_id)):
             stream.close(close)
             self.detach(stream)

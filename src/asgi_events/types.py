@@ -6,11 +6,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .hooks import ConnectionInfo
-    from .request import HandshakeRequest
+from typing import Any
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -50,19 +46,6 @@ VerifyToken = Callable[
     [str], str | Principal | Awaitable[str | Principal | None] | Awaitable[str | None] | None
 ]
 """``(token) -> user id | Principal | None``, sync (run in a worker thread) or async."""
-
-Authenticate = Callable[
-    ["HandshakeRequest"],
-    str | Principal | Awaitable[str | Principal | None] | Awaitable[str | None] | None,
-]
-"""``(request) -> user id | Principal | None``, sync (run in a worker thread) or async: the
-request-aware alternative to ``VerifyToken`` (cookies, headers, the address)."""
-
-ConnectHook = Callable[["ConnectionInfo"], Awaitable[None] | None]
-"""``(info) -> None``, sync or async: a connection is open (``EventHub(on_connect=...)``)."""
-
-DisconnectHook = Callable[["ConnectionInfo", int], Awaitable[None] | None]
-"""``(info, code) -> None``, sync or async: a connection ended with ``code``."""
 
 ClientMessageHook = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 """``(user_id, message) -> None``, sync or async, called for each JSON object a client sends."""

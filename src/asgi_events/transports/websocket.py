@@ -7,7 +7,6 @@ socket receives, and when, is the core's business (``streams.py``).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
@@ -19,8 +18,10 @@ import anyio
 from .. import codec, protocol
 from ..auth import Handshake, normalize_origin, parse_handshake
 from ..errors import BackendUnavailableError
+from ..hooks import call_hook
 from ..limits import TokenBucket
 from ..protocol import BATCH_SUBPROTOCOL, Close
+from ..request import HandshakeRequest
 from ..stream import State, Stream
 from ..streams import Streams
 from ..types import Message, Receive, Scope, Send
@@ -85,7 +86,9 @@ async def serve(
             streams.counters.refused(protocol.ORIGIN_REFUSED)
             await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
             return
-    admitted = await streams.admit(handshake.token)
+    started = anyio.current_time()
+    request = HandshakeRequest(scope, handshake.token, origin_checked=allowed_origins is not None)
+    admitted = await streams.admit(request)
     if isinstance(admitted, Close):
         await _refuse(streams, scope, send, handshake, admitted)
         return
@@ -97,6 +100,10 @@ async def serve(
         resume=handshake.resume,
         control=handshake.subprotocol is not None,
         batch=handshake.subprotocol == BATCH_SUBPROTOCOL,
+        transport="websocket",
+        subprotocol=handshake.subprotocol,
+        client=request.client,
+        admitted_at=started,
     )
     outbox = stream.outbox
     try:
@@ -116,14 +123,15 @@ async def serve(
                         tg.start_soon(outbox.run)
                     if stream.expires_at is not None:
                         tg.start_soon(_expire, stream, stream.expires_at)
-                    await _read(stream, receive, streams)
+                    await _live(stream, receive, streams)
                     tg.cancel_scope.cancel()
             else:  # (no task group: an idle socket costs as little as it can)
-                await _read(stream, receive, streams)
+                await _live(stream, receive, streams)
     except anyio.get_cancelled_exc_class():
         # Cancelled from outside (the server stops): say goodbye, within a bound.
         outbox.abandon()
         if stream.state is State.OPEN:
+            stream.code = protocol.SHUTDOWN.code
             with anyio.CancelScope(shield=True) as farewell:
                 farewell.deadline = anyio.current_time() + 1.0
                 try:
@@ -135,6 +143,13 @@ async def serve(
         outbox.abandon()  # the peer is gone: no more sends, no more pushes
         stream.to(State.CLOSED)
         streams.detach(stream)
+        await streams.ended(stream)
+
+
+async def _live(stream: Stream, receive: Receive, streams: Streams) -> None:
+    if stream.state is State.OPEN:
+        await streams.opened(stream)
+    await _read(stream, receive, streams)
 
 
 def _accept(handshake: Handshake) -> Message:
@@ -186,6 +201,8 @@ async def _read(stream: Stream, receive: Receive, streams: Streams) -> None:
             continue
         kind = message["type"]
         if kind == "websocket.disconnect":
+            if stream.code is None:  # the client closed first
+                stream.code = int(message.get("code") or protocol.NO_STATUS.code)
             return
         if kind != "websocket.receive":
             continue
@@ -218,10 +235,4 @@ async def _handle(stream: Stream, message: Message, streams: Streams) -> None:
     if data is None:
         streams.counters.malformed_messages += 1
     elif hook is not None:
-        try:
-            result = hook(stream.user_id, data)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            streams.counters.hook_errors += 1
-            logger.exception("on_client_message raised for a message of user %r", stream.user_id)
+        await call_hook(hook, stream.info, streams.counters, stream.user_id, data)
