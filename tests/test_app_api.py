@@ -37,11 +37,11 @@ class FakeClock:
         return self.now
 
 
-async def until(predicate: Any) -> None:
-    """Wait (bounded) until the async ``predicate`` holds."""
-    with anyio.fail_after(TIMEOUT):
-        while not await predicate():
-            await anyio.sleep(0.01)
+async def lifespan(receive: Receive, send: Send) -> None:
+    """An inner app's side of the lifespan protocol."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
 
 
 # -- positions --------------------------------------------------------------------------
@@ -66,9 +66,7 @@ def snapshot_app(hub: EventHub, state: list[int]) -> Any:
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await lifespan(receive, send)
             return
         position = await hub.position("alice")
         await anyio.lowlevel.checkpoint()  # (events may be published in between)
@@ -103,7 +101,7 @@ async def test_a_snapshot_then_resume_loses_and_doubles_nothing(
                     await taken.wait()
                 taken = anyio.Event()
             elif random.random() < 0.3:
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
 
     async def take() -> None:
         while len(state) < total:
@@ -172,9 +170,7 @@ def with_history(hub: EventHub, **options: Any) -> Any:
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await lifespan(receive, send)
         elif scope["path"] == "/history":
             await endpoint(scope, receive, send)
         else:
@@ -276,9 +272,7 @@ async def test_disconnect_codes(serve: ServeFn, connect: Connect) -> None:
         await hub.disconnect("alice", reason="x" * 124)
 
 
-async def test_disconnect_reaches_a_socket_being_admitted(
-    serve: ServeFn, connect: Connect
-) -> None:
+async def test_disconnect_reaches_a_socket_being_admitted(serve: ServeFn, connect: Connect) -> None:
     """A socket whose token was checked before the disconnect, but which joins after it, is
     closed too: its credentials were revoked while it was admitted."""
     checking, release = anyio.Event(), anyio.Event()
@@ -314,11 +308,12 @@ async def test_disconnect_reaches_a_socket_being_admitted(
 
 
 async def test_presence_and_online_follow_the_sockets(serve: ServeFn, connect: Connect) -> None:
-    server = await serve()
-    hub = server.hub
-    assert hub is not None
+    left = [anyio.Event(), anyio.Event()]
+    hub = EventHub(users, on_disconnect=lambda info, code: left.pop(0).set())
+    server = await serve(hub=hub)
     assert await hub.presence("alice") == 0 and await hub.online(["alice", "bob"]) == set()
     url = server.ws_url
+    first, second = left
     async with connect(url(token="tok-alice"), subprotocols=V1) as a1:
         await recv(a1)  # ready: it is counted
         assert await hub.presence("alice") == 1
@@ -326,17 +321,12 @@ async def test_presence_and_online_follow_the_sockets(serve: ServeFn, connect: C
             await recv(a2)
             assert await hub.presence("alice") == 2
             assert await hub.online(["alice", "bob", "carol", "alice"]) == {"alice"}
-
-        async def one_left() -> bool:
-            return await hub.presence("alice") == 1
-
-        await until(one_left)
-
-    async def gone() -> bool:
-        return await hub.presence("alice") == 0
-
-    await until(gone)
-    assert await hub.online(["alice"]) == set()
+        with anyio.fail_after(TIMEOUT):
+            await first.wait()  # (on_disconnect runs once it no longer counts)
+        assert await hub.presence("alice") == 1
+    with anyio.fail_after(TIMEOUT):
+        await second.wait()
+    assert await hub.presence("alice") == 0 and await hub.online(["alice"]) == set()
 
 
 # -- latest values ----------------------------------------------------------------------
