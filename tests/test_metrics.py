@@ -43,6 +43,26 @@ async def test_metrics_follow_the_hub(serve: ServeFn, connect: Connect) -> None:
     assert sample(text, 'asgi_events_closes_total{code="1008"}') == 2
     assert sample(text, "asgi_events_broadcast_seconds_count") == 1
     assert sample(text, 'asgi_events_broadcast_seconds_bucket{le="+Inf"}') == 1
+    assert sample(text, "asgi_events_disconnects_total") == 0
+
+
+async def test_metrics_of_the_application_api(serve: ServeFn, connect: Connect) -> None:
+    def fails(info: object) -> None:
+        raise RuntimeError("a hook that raises")
+
+    hub = EventHub(users, latest_types={"JOB_PROGRESS": "payload.jobId"}, on_connect=fails)
+    registry = CollectorRegistry()
+    instrument(hub, registry)
+    server = await serve(hub=hub)
+    await hub.broadcast("alice", {"type": "JOB_PROGRESS", "payload": {"jobId": "j"}})
+    async with connect(server.ws_url(token="tok-alice")) as ws:
+        assert (await recv(ws))["latest"] is True
+        await hub.disconnect("alice")
+        await close_code(ws)
+    text = generate_latest(registry).decode()
+    assert sample(text, "asgi_events_hook_errors_total") == 1
+    assert sample(text, "asgi_events_disconnects_total") == 1
+    assert sample(text, "asgi_events_latest_values") == 1
 
 
 async def test_metrics_app_serves_the_text_format(serve: ServeFn) -> None:

@@ -39,6 +39,8 @@ _COUNTERS = {
     "oversized_messages": "Sockets closed for a message over the size limit.",
     "malformed_messages": "Client messages ignored as not a JSON object.",
     "replayed_events": "Events replayed to reconnecting sockets.",
+    "hook_errors": "Calls of the application's hooks that raised.",
+    "disconnects": "Sockets closed by hub.disconnect.",
 }
 
 
@@ -57,6 +59,10 @@ class HubCollector(Collector):
         if "buffered_events" in stats:
             yield GaugeMetricFamily(
                 f"{ns}_buffered_events", "Events buffered for replay.", stats["buffered_events"]
+            )
+        if "latest_values" in stats:
+            yield GaugeMetricFamily(
+                f"{ns}_latest_values", "Latest values kept (latest_types).", stats["latest_values"]
             )
         for name, doc in _COUNTERS.items():
             yield CounterMetricFamily(f"{ns}_{name}", doc, stats[name])
