@@ -15,10 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+import anyio
+
 from .stats import Counters
-from .types import Principal
+from .types import ClientMessageHook, Principal
 
 logger = logging.getLogger("asgi_events")
+
+HOOK_TIMEOUT = 5.0  # seconds on_disconnect may take once its connection is being cancelled
 
 Transport = Literal["websocket", "sse"]
 
@@ -78,3 +82,29 @@ ConnectHook = Callable[[ConnectionInfo], Awaitable[None] | None]
 
 DisconnectHook = Callable[[ConnectionInfo, int], Awaitable[None] | None]
 """``(info, code) -> None``, sync or async: a connection ended with ``code``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """The application's hooks (see ``EventHub``), and how each is called."""
+
+    on_connect: ConnectHook | None = None
+    on_disconnect: DisconnectHook | None = None
+    on_client_message: ClientMessageHook | None = None
+
+    async def connected(self, info: ConnectionInfo, counters: Counters) -> None:
+        if self.on_connect is not None:
+            await call_hook(self.on_connect, info, counters, info)
+
+    async def disconnected(self, info: ConnectionInfo, code: int, counters: Counters) -> None:
+        """Run ``on_disconnect`` within ``HOOK_TIMEOUT``, even while the connection's task is
+        being cancelled."""
+        if self.on_disconnect is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(HOOK_TIMEOUT):
+                await call_hook(self.on_disconnect, info, counters, info, code)
+
+    async def message(
+        self, info: ConnectionInfo, message: dict[str, Any], counters: Counters
+    ) -> None:
+        if self.on_client_message is not None:
+            await call_hook(self.on_client_message, info, counters, info.user_id, message)

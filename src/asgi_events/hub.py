@@ -15,7 +15,7 @@ from .auth import Authenticator
 from .backends.base import Backend
 from .backends.memory import MemoryBackend
 from .history import History, read_history
-from .hooks import ConnectHook, DisconnectHook
+from .hooks import ConnectHook, DisconnectHook, Hooks
 from .limits import Refusal, Settings
 from .request import Authenticate
 from .senders import Senders
@@ -46,7 +46,7 @@ class EventHub:
         open (its replay queued); runs before its messages are read.
     :param on_disconnect: ``(info, code) -> None``, sync or async, once a connection whose
         ``on_connect`` ran has ended, with the close code (the server's, else the client's;
-        1006 if there was none); it gets ``HOOK_TIMEOUT`` seconds at shutdown. A hook that
+        1006 if there was none); it gets ``hooks.HOOK_TIMEOUT`` seconds at shutdown. A hook that
         raises is logged and counted in ``hook_errors``; the connection goes on.
     :param buffer_size: events kept per user for replay.
     :param buffer_max_age: seconds an event is kept for replay, from when it was buffered.
@@ -126,9 +126,7 @@ class EventHub:
             self._backend,
             settings,
             Authenticator(verify_token, authenticate),
-            on_client_message,
-            on_connect,
-            on_disconnect,
+            Hooks(on_connect, on_disconnect, on_client_message),
             latest=bool(self._latest),
         )
         """The node's streams, which transports feed (``streams.py``); not for applications."""

@@ -18,23 +18,23 @@ import anyio.lowlevel
 
 from . import codec, protocol
 from .auth import Authenticator
-from .backends.base import Backend, Published, Replay
-from .hooks import ConnectHook, DisconnectHook, Transport, call_hook
+from .backends.base import Backend, Published
+from .hooks import Hooks, Transport
 from .limits import Settings
 from .outbox import FULL, Outbox
 from .protocol import Close, ResumePoint
 from .registry import Registry
 from .request import HandshakeRequest
+from .revocations import Revocations
 from .senders import Senders
 from .stats import Counters
 from .stream import Stream
-from .types import ClientMessageHook, Message, Principal, Send
+from .types import Message, Principal, Send
 from .wire import Wire
 
 logger = logging.getLogger("asgi_events")
 
 PRESSURE_ROUNDS = 16  # scheduling rounds a publisher yields at most while queues fill up
-HOOK_TIMEOUT = 5.0  # seconds on_disconnect may take once its connection is cancelled
 
 
 class Streams:
@@ -44,9 +44,7 @@ class Streams:
         binds itself to it.
     :param settings: the limits every stream gets.
     :param authenticator: the application's check of connection requests.
-    :param on_client_message: the application's hook for client messages, if any.
-    :param on_connect: called once a stream is open (see ``EventHub``).
-    :param on_disconnect: called once a stream that was open has ended.
+    :param hooks: the application's hooks.
     :param latest: whether connecting streams get the user's latest values.
     """
 
@@ -55,17 +53,13 @@ class Streams:
         backend: Backend,
         settings: Settings,
         authenticator: Authenticator,
-        on_client_message: ClientMessageHook | None = None,
-        on_connect: ConnectHook | None = None,
-        on_disconnect: DisconnectHook | None = None,
+        hooks: Hooks | None = None,
         latest: bool = False,
     ) -> None:
         self.backend = backend
         self.settings = settings
         self.authenticator = authenticator
-        self.on_client_message = on_client_message
-        self.on_connect = on_connect
-        self.on_disconnect = on_disconnect
+        self.hooks = hooks or Hooks()
         self.latest = latest
         self.counters = Counters()
         self.senders: Senders | None = None  # while the hub runs
@@ -76,9 +70,7 @@ class Streams:
         self._live: set[Stream] = set()
         self._emptied: anyio.Event | None = None  # set once ``_live`` is empty, while waited on
         self._wires: dict[Wire, int] = {}  # the transports' wires in use, with their streams
-        # Users disconnected lately, with when and how: a stream whose request was admitted
-        # before that (its check ran on credentials since revoked) is closed when it attaches.
-        self._cuts: dict[str, tuple[float, Close]] = {}
+        self._revoked = Revocations(settings.verify_timeout + 1.0)
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -151,9 +143,9 @@ class Streams:
         self._registry.add(stream.user_id, stream)
         self._live.add(stream)
         self._present(stream.user_id)
-        cut = self._cuts.get(stream.user_id)
-        if cut is not None and stream.admitted_at <= cut[0]:
-            stream.close(cut[1])  # admitted on credentials revoked since
+        revoked = self._revoked.of(stream.user_id, stream.admitted_at)
+        if revoked is not None:
+            stream.close(revoked)
             self.detach(stream)
             return
         resume, outbox, wire = stream.resume, stream.outbox, stream.wire
@@ -170,7 +162,9 @@ class Streams:
             values = [codec.with_latest(e.text) for e in replay.latest]
             outbox.preload([wire.event(text, None, None, True) for text in values])
         if stream.control:
-            outbox.preload([self._ready_message(stream.wire, replay, resume is not None)])
+            payload = replay.ready_payload(resume is not None)
+            ready = codec.encode({"type": protocol.READY, "payload": payload})
+            outbox.preload([wire.control(protocol.READY, ready)])
         if outbox.release(replay.key) == FULL:
             self._slow_consumer(stream)
 
@@ -193,18 +187,14 @@ class Streams:
     async def opened(self, stream: Stream) -> None:
         """The stream is open: run ``on_connect`` (then ``on_disconnect`` will run too)."""
         stream.announced = True
-        if self.on_connect is not None:
-            await call_hook(self.on_connect, stream.info, self.counters, stream.info)
+        await self.hooks.connected(stream.info, self.counters)
 
     async def ended(self, stream: Stream) -> None:
-        """The stream has ended: run ``on_disconnect`` if ``on_connect`` ran (within
-        ``HOOK_TIMEOUT``, even while the stream's task is being cancelled)."""
-        if not stream.announced or self.on_disconnect is None:
-            return
-        stream.announced = False
-        code = stream.code if stream.code is not None else protocol.ABNORMAL.code
-        with anyio.CancelScope(shield=True), anyio.move_on_after(HOOK_TIMEOUT):
-            await call_hook(self.on_disconnect, stream.info, self.counters, stream.info, code)
+        """The stream has ended: run ``on_disconnect`` if ``on_connect`` ran."""
+        if stream.announced:
+            stream.announced = False
+            code = stream.code if stream.code is not None else protocol.ABNORMAL.code
+            await self.hooks.disconnected(stream.info, code, self.counters)
 
     def _finished(self, stream: Stream, error: Exception | None) -> None:
         # Its close is out (or the peer is gone): it no longer counts as open. The transport
@@ -224,19 +214,6 @@ class Streams:
     def _slow_consumer(self, stream: Stream) -> None:
         stream.close(protocol.SLOW_CONSUMER)
         self.detach(stream)
-
-    def _ready_message(self, wire: Wire, replay: Replay, resuming: bool) -> Message:
-        recovered = replay.recovered or not resuming
-        payload: dict[str, Any] = {
-            "position": replay.position,
-            "recovered": recovered,
-            "replayed": len(replay.events) if resuming else 0,
-        }
-        if not recovered:
-            payload["reason"] = replay.reason
-            payload["oldest"] = replay.oldest
-        ready = codec.encode({"type": protocol.READY, "payload": payload})
-        return wire.control(protocol.READY, ready)
 
     async def close_all(self, close: Close, wait: float) -> None:
         """Close every stream with ``close``; wait up to ``wait`` seconds for every close to be out
@@ -259,14 +236,7 @@ class Streams:
         """Close every stream of ``user_id`` on this node (``hub.disconnect``; the backend's
         ``Disconnect``), and those of its requests being admitted now."""
         close = protocol.disconnect_close(code, reason)
-        now = anyio.current_time()
-        horizon = now - self.settings.verify_timeout - 1.0  # no admission is older than that
-        for cut_user, (at, _) in list(self._cuts.items()):
-            if at >= horizon:
-                break  # (oldest first)
-            del self._cuts[cut_user]
-        self._cuts.pop(user_id, None)
-        self._cuts[user_id] = (now, close)
+        self._revoked.add(user_id, close, anyio.current_time())
         for stream in list(self._registry.of(user_id)):
             stream.close(close)
             self.detach(stream)

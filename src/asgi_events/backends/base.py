@@ -98,6 +98,18 @@ class Replay:
     latest: list[Published] = field(default_factory=list)
     """The user's latest values, oldest first (only when asked for: ``replay(latest=True)``)."""
 
+    def ready_payload(self, resuming: bool) -> dict[str, Any]:
+        """The ready message's payload for a stream that asked to resume, or not."""
+        recovered = self.recovered or not resuming
+        payload: dict[str, Any] = {
+            "position": self.position,
+            "recovered": recovered,
+            "replayed": len(self.events) if resuming else 0,
+        }
+        if not recovered:
+            payload["reason"], payload["oldest"] = self.reason, self.oldest
+        return payload
+
 
 class Backend(Protocol):
     """Buffers events for replay and delivers every event to every node's ``deliver``."""

@@ -18,7 +18,6 @@ import anyio
 from .. import codec, protocol
 from ..auth import Handshake, normalize_origin, parse_handshake
 from ..errors import BackendUnavailableError
-from ..hooks import call_hook
 from ..limits import TokenBucket
 from ..protocol import BATCH_SUBPROTOCOL, Close
 from ..request import HandshakeRequest
@@ -231,8 +230,7 @@ async def _handle(stream: Stream, message: Message, streams: Streams) -> None:
         stream.outbox.push(WIRE.pong)
         return
     data = codec.decode_message(text)
-    hook = streams.on_client_message
     if data is None:
         streams.counters.malformed_messages += 1
-    elif hook is not None:
-        await call_hook(hook, stream.info, streams.counters, stream.user_id, data)
+    else:
+        await streams.hooks.message(stream.info, data, streams.counters)
