@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -33,16 +32,13 @@ from ..base import Deliver, Disconnect, Lost, Replay
 from . import routing
 from .routing import UserKeys
 from .storage import Storage
-from .subscription import Health, Subscription
+from .subscription import Health, Subscription, closing_quietly
 
 try:
     import coredis
     from coredis.retry import NoRetryPolicy
 except ImportError as exc:  # pragma: no cover
     raise ImportError("RedisBackend needs coredis: pip install 'asgi-events[redis]'") from exc
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ("RedisBackend",)
 
@@ -215,7 +211,7 @@ class RedisBackend:
             connect_timeout=self._timeout,
             stream_timeout=self._timeout,
         )
-        try:
+        with closing_quietly():
             async with (
                 # No retries: appending is not idempotent, and a retry after a reply lost on
                 # the way could append an event twice. A failed call raises to the caller.
@@ -229,22 +225,6 @@ class RedisBackend:
                     await self._subscription.run(client, subscriber, task_status)
                 finally:
                     self._storage.detach()
-        except BaseException as exc:
-            # Cancelled at shutdown, coredis may fail to unsubscribe on a connection it already
-            # closed (seen on trio): nothing is left to clean up, so only the cancellation goes on.
-            if not isinstance(exc, BaseExceptionGroup):
-                if isinstance(exc, Exception):
-                    logger.debug("the Redis client closed with %s", type(exc).__name__)
-                    return
-                raise
-            errors, rest = exc.split(Exception)
-            if errors is not None:
-                logger.debug("the Redis client closed with %s", errors.exceptions)
-            if rest is not None:  # only the cancellation is left: raise it bare, as it came
-                cancelled: BaseException = rest
-                while isinstance(cancelled, BaseExceptionGroup):
-                    cancelled = cancelled.exceptions[0]
-                raise cancelled from None
 
     async def _call(
         self, fn: Callable[_P, Awaitable[_T]], *args: _P.args, **kwargs: _P.kwargs

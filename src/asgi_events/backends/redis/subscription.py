@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import random
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import anyio
@@ -49,6 +50,30 @@ class Health:
         while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
             exc = exc.exceptions[0]
         self.last_error = f"{type(exc).__name__}: {exc}"
+
+
+@contextmanager
+def closing_quietly() -> Iterator[None]:
+    """Around a client's life: errors as it closes are logged (debug) and dropped, and a
+    cancellation goes on bare, out of any exception group."""
+    try:
+        yield
+    except BaseException as exc:
+        # Cancelled at shutdown, coredis may fail to unsubscribe on a connection it already
+        # closed (seen on trio): nothing is left to clean up, so only the cancellation goes on.
+        if not isinstance(exc, BaseExceptionGroup):
+            if isinstance(exc, Exception):
+                logger.debug("the Redis client closed with %s", type(exc).__name__)
+                return
+            raise
+        errors, rest = exc.split(Exception)
+        if errors is not None:
+            logger.debug("the Redis client closed with %s", errors.exceptions)
+        if rest is not None:  # only the cancellation is left: raise it bare, as it came
+            cancelled: BaseException = rest
+            while isinstance(cancelled, BaseExceptionGroup):
+                cancelled = cancelled.exceptions[0]
+            raise cancelled from None
 
 
 class Subscription:
