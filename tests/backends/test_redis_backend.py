@@ -1,5 +1,6 @@
 """What is particular to ``RedisBackend``, driven directly (no hub): several nodes, the message
-format on the channel and in the stream, foreign messages, losing Redis, the public names."""
+format on the channel and in the stream, foreign messages, losing Redis, the public names, the
+keys of latest values."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import anyio
 import coredis
 import pytest
 
-from asgi_events import BackendUnavailableError, codec
+from asgi_events import BackendUnavailableError, codec, latest
 from asgi_events.backends.base import Published
 from asgi_events.backends.redis import RedisBackend
 from asgi_events.backends.redis.routing import UserKeys, decode, unbuffered
@@ -127,7 +128,9 @@ async def test_the_public_names(redis_server: RedisServer) -> None:
         assert backend.prefix == subject.prefix
         assert backend.channel == f"{subject.prefix}:events"
         tag = f"{subject.prefix}:{{alice}}"
-        assert backend.keys("alice") == UserKeys(f"{tag}:events", f"{tag}:meta")
+        assert backend.keys("alice") == UserKeys(
+            f"{tag}:events", f"{tag}:meta", f"{tag}:latest", f"{tag}:latest-at"
+        )
         await node.publish("alice", 1)
         await node.publish("alice", 2, transient=True)
         await node.settle()
@@ -194,3 +197,20 @@ async def test_redis_lost_and_back_is_a_new_epoch(own_redis: RedisServer) -> Non
     assert replay.events == [after] and (replay.recovered, replay.reason) == (False, "epoch")
     assert stats["interruptions"] == 1 and stats["healthy"] is True
     assert stats["last_error"] is not None
+
+
+async def test_latest_values_are_in_the_users_slot_and_expire(redis_server: RedisServer) -> None:
+    subject, max_age = Subject("redis", redis_server), 60.0
+    async with (
+        subject.node(max_age=max_age) as node,
+        coredis.Redis.from_url(redis_server.url, decode_responses=True) as client,
+    ):
+        fields = codec.prepare({"type": "L", "payload": 1})
+        slot = latest.slot("L", fields, "payload")
+        await node.backend.publish("alice", fields, True, latest=slot)
+        keys = redis(node).keys("alice")
+        assert await client.hgetall(keys.latest) == {slot: codec.encode(fields)}
+        assert list(await client.zrange(keys.latest_at, 0, -1)) == [slot]
+        for key in (keys.latest, keys.latest_at):
+            assert 0 < await client.pttl(key) <= max_age * 1000
+        assert await client.exists([keys.stream]) == 0  # (transient: not buffered)

@@ -11,8 +11,9 @@ proves its subscription alive with heartbeats on a channel of its own, and gets 
 backoff after any loss (``subscription``).
 
 Modules: ``scripts`` (the Lua source), ``routing`` (key and channel names, stream ids, the
-message format), ``storage`` (append, publish, replay), ``subscription`` (the Pub/Sub consumer,
-heartbeat watchdog, reconnection), and here ``RedisBackend``, which wires them together.
+message format), ``storage`` (append, publish, latest values, replay), ``subscription`` (the
+Pub/Sub consumer, heartbeat watchdog, reconnection), and here ``RedisBackend``, which wires
+them together.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ class RedisBackend:
         return self._storage.channel
 
     def keys(self, user_id: str) -> UserKeys:
-        """The keys of ``user_id``'s data: ``.stream`` (its buffered events) and ``.meta``."""
+        """The keys of ``user_id``'s data: ``.stream`` (its buffered events), ``.meta``,
+        ``.latest`` and ``.latest_at`` (its latest values)."""
         return self._storage.keys(user_id)
 
     @property
@@ -171,18 +173,25 @@ class RedisBackend:
     async def stop(self) -> None:
         self.healthy = False  # the hub then cancels its task group, which closes the client
 
-    async def publish(self, user_id: str, fields: dict[str, Any], transient: bool) -> None:
-        if transient:
+    async def publish(
+        self, user_id: str, fields: dict[str, Any], transient: bool, latest: str | None = None
+    ) -> str | None:
+        if latest is not None:
+            await self._call(self._storage.publish_latest, user_id, latest, codec.encode(fields))
+        elif transient:
             message = routing.unbuffered(user_id, codec.encode(fields))
             await self._call(self._storage.publish, message)
         else:
-            await self._call(self._storage.append, user_id, fields)
+            return await self._call(self._storage.append, user_id, fields)
+        return None
 
     async def publish_to_all(self, text: str) -> None:
         await self._call(self._storage.publish, routing.unbuffered(None, text))
 
-    async def replay(self, user_id: str, resume: ResumePoint | None) -> Replay:
-        return await self._call(self._storage.replay, user_id, resume)
+    async def replay(
+        self, user_id: str, resume: ResumePoint | None, latest: bool = False
+    ) -> Replay:
+        return await self._call(self._storage.replay, user_id, resume, latest)
 
     async def clear(self) -> None:
         pass  # shared by every node: one node's shutdown must not empty it

@@ -2,9 +2,11 @@
 Pub/Sub message format.
 
 Keys, per user (one hash slot per user, so a Redis Cluster works): ``<prefix>:{<user>}:events``
-(the stream of buffered events) and ``<prefix>:{<user>}:meta`` (epoch, position, what was
-trimmed); see ``storage``. Channels: ``<prefix>:events`` carries every event to every node;
-``<prefix>:heartbeat:<node>`` carries one node's heartbeats back to itself (``subscription``).
+(the stream of buffered events), ``<prefix>:{<user>}:meta`` (epoch, position, what was
+trimmed; see ``storage``), ``<prefix>:{<user>}:latest`` (slot -> the text of its latest value)
+and ``<prefix>:{<user>}:latest-at`` (slot -> when it was set; see ``scripts.PUBLISH_LATEST``).
+Channels: ``<prefix>:events`` carries every event to every node; ``<prefix>:heartbeat:<node>``
+carries one node's heartbeats back to itself (``subscription``).
 
 A message on ``<prefix>:events`` is three parts separated by the first two newlines::
 
@@ -64,11 +66,15 @@ class UserKeys(NamedTuple):
     """The stream of buffered events."""
     meta: str
     """The hash of epoch, newest id, newest trimmed id and why."""
+    latest: str
+    """The hash of latest values: slot -> text."""
+    latest_at: str
+    """The sorted set of latest values' slots, scored by when each was set (microseconds)."""
 
 
 def user_keys(prefix: str, user_id: str) -> UserKeys:
     tag = f"{prefix}:{{{user_id}}}"
-    return UserKeys(f"{tag}:events", f"{tag}:meta")
+    return UserKeys(f"{tag}:events", f"{tag}:meta", f"{tag}:latest", f"{tag}:latest-at")
 
 
 def events_channel(prefix: str) -> str:

@@ -1,0 +1,146 @@
+"""The backend contract's application API (``asgi_events.backends.base``), for every backend:
+publish returning the id, latest values, resuming from the start.
+
+Checks of one node run against memory and Redis (``subject``); what only several nodes on one
+Redis can show (shared latest values) runs against Redis. Each test runs on asyncio and trio.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+
+from asgi_events import codec, latest
+from asgi_events.backends.base import Published
+from asgi_events.protocol import ResumePoint
+
+from ..support.backends import TIMEOUT, Node, Subject, point
+from ..support.redis_server import RedisServer
+
+
+async def publish_latest(
+    node: Node, user_id: str, key: Any, payload: Any = None, *, transient: bool = True
+) -> Published:
+    """Publish a latest value of the slot of type ``L`` and ``key``, as the hub does; the
+    value as it must be delivered live and kept."""
+    fields = codec.prepare({"type": "L", "payload": {"key": key, "value": payload}})
+    slot = latest.slot("L", fields, "payload.key")
+    published = Published(user_id, codec.encode(fields))
+    assert await node.backend.publish(user_id, fields, transient, latest=slot) is None
+    return published
+
+
+async def latest_values(node: Node, user_id: str) -> list[Published]:
+    return (await node.backend.replay(user_id, None, latest=True)).latest
+
+
+async def test_publish_returns_the_id_the_event_is_delivered_with(subject: Subject) -> None:
+    async with subject.node() as node:
+        ids = []
+        for n in range(3):
+            fields = codec.prepare({"type": "T", "payload": n})
+            ids.append(await node.backend.publish("alice", fields, False))
+        transient = codec.prepare({"type": "T", "payload": "live"})
+        assert await node.backend.publish("alice", transient, True) is None
+        await publish_latest(node, "alice", 1, transient=False)  # (None too)
+        delivered = await node.settle()
+        position = (await node.replay("alice")).position
+    assert [published.id for published in delivered if not published.transient] == ids
+    assert len(set(ids)) == 3 and all(isinstance(event_id, str) for event_id in ids)
+    assert position == ids[-1]
+
+
+async def test_latest_values_replace_per_slot_and_come_oldest_first(subject: Subject) -> None:
+    async with subject.node() as node:
+        origin = await node.replay("alice")
+        first_a = await publish_latest(node, "alice", "a", 1)
+        b = await publish_latest(node, "alice", "b", 1)
+        await node.publish("alice", "buffered")
+        a = await publish_latest(node, "alice", "a", "é\n}")  # replaces the first one
+        none = await publish_latest(node, "alice", None, 3)  # a slot whose key is None
+        await publish_latest(node, "bob", "a", 4)
+        delivered = await node.settle()
+        replay = await node.backend.replay("alice", point(origin.position), latest=True)
+        without = await node.backend.replay("alice", point(origin.position))
+    # Delivered live like transient events: no id, never replayed.
+    assert [p for p in delivered if p.user_id == "alice" and p.transient] == [first_a, b, a, none]
+    assert replay.latest == [b, a, none]  # oldest first, by when each slot was last set
+    assert all(value.id is None and value.key is None for value in replay.latest)
+    buffered = [p for p in delivered if not p.transient]
+    assert replay.events == buffered and len(buffered) == 1 and replay.recovered is True
+    assert without.latest == [] and without.events == replay.events
+
+
+async def test_latest_values_of_one_user_are_its_own(subject: Subject) -> None:
+    async with subject.node() as node:
+        alice = await publish_latest(node, "alice", "a", 1)
+        bob = await publish_latest(node, "bob", "a", 2)
+        assert await latest_values(node, "alice") == [alice]
+        assert await latest_values(node, "bob") == [bob]
+        assert await latest_values(node, "carol") == []
+
+
+async def test_latest_values_expire_by_age(subject: Subject) -> None:
+    """Redis' clock is real, so this polls within a bounded wait; the younger value has half
+    the bound to live when the older one is gone."""
+    max_age, step = 2.0, 0.03
+    async with subject.node(max_age=max_age) as node:
+        old = await publish_latest(node, "alice", "old", 1)
+        await node.elapse(max_age / 2)
+        young = await publish_latest(node, "alice", "young", 2)
+        with anyio.fail_after(TIMEOUT):
+            while (values := await latest_values(node, "alice")) == [old, young]:
+                await node.elapse(step)
+        assert values == [young]
+        with anyio.fail_after(TIMEOUT):
+            while values:
+                await node.elapse(step)
+                values = await latest_values(node, "alice")
+            assert values == []
+        # Setting a slot again starts its age afresh.
+        again = await publish_latest(node, "alice", "old", 3)
+        assert await latest_values(node, "alice") == [again]
+
+
+async def test_at_most_latest_per_user_slots_are_kept(subject: Subject) -> None:
+    limit = latest.LATEST_PER_USER
+    async with subject.node() as node:
+        values = [await publish_latest(node, "alice", n, n) for n in range(limit + 5)]
+        assert await latest_values(node, "alice") == values[5:]
+        # Setting a kept slot makes it the newest: the least recently set one goes next.
+        renewed = await publish_latest(node, "alice", 5, "again")
+        extra = await publish_latest(node, "alice", "extra")
+        assert await latest_values(node, "alice") == [*values[7:], renewed, extra]
+
+
+async def test_resuming_from_the_start_replays_everything_buffered(subject: Subject) -> None:
+    async with subject.node(size=3) as node:
+        start = await node.replay("alice", ResumePoint(start=True))
+        assert (start.events, start.recovered, start.reason) == ([], True, None)
+        for n in range(5):
+            await node.publish("alice", n)
+            await node.publish("alice", "live", transient=True)
+            await node.publish("bob", n)
+        delivered = [p for p in await node.settle() if p.user_id == "alice"]
+        replay = await node.replay("alice", ResumePoint(start=True))
+    buffered = [p for p in delivered if not p.transient]
+    # Everything still buffered, as complete (events the size bound dropped are not a gap).
+    assert replay.events == buffered[2:]
+    assert (replay.recovered, replay.reason) == (True, None)
+    assert replay.position == buffered[-1].id and replay.latest == []
+
+
+# -- several nodes on one Redis ------------------------------------------------------------
+
+
+async def test_latest_values_are_shared_by_the_nodes(redis_server: RedisServer) -> None:
+    subject = Subject("redis", redis_server)
+    async with subject.node() as a, subject.node() as b:
+        first = await publish_latest(a, "alice", "a", 1)
+        second = await publish_latest(b, "alice", "b", 2)
+        replaced = await publish_latest(b, "alice", "a", 3)
+        for node in (a, b):
+            assert await latest_values(node, "alice") == [second, replaced]
+            live = [p for p in await node.settle() if p.user_id == "alice"]
+            assert live == [first, second, replaced]
