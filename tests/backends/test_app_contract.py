@@ -1,8 +1,9 @@
 """The backend contract's application API (``asgi_events.backends.base``), for every backend:
-publish returning the id, latest values, resuming from the start.
+publish returning the id, latest values, resuming from the start, disconnects.
 
 Checks of one node run against memory and Redis (``subject``); what only several nodes on one
-Redis can show (shared latest values) runs against Redis. Each test runs on asyncio and trio.
+Redis can show (shared latest values, a disconnect reaching every node) runs against Redis. Each
+test runs on asyncio and trio.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from asgi_events import codec, latest
 from asgi_events.backends.base import Published
 from asgi_events.protocol import ResumePoint
 
-from ..support.backends import TIMEOUT, Node, Subject, point
+from ..support.backends import TIMEOUT, Node, Subject, fields_of, point
 from ..support.redis_server import RedisServer
 
 
@@ -131,6 +132,22 @@ async def test_resuming_from_the_start_replays_everything_buffered(subject: Subj
     assert replay.position == buffered[-1].id and replay.latest == []
 
 
+async def test_disconnect_follows_the_events_published_before_it(subject: Subject) -> None:
+    async with subject.node() as node:
+        for n in range(3):
+            await node.publish("alice", n)
+        await node.backend.disconnect("alice", 4003, "Disconnected")
+        await node.publish("alice", 3)
+        await node.backend.disconnect("nobody", 4321, "bye\né")  # an unknown user is no error
+        with anyio.fail_after(TIMEOUT):
+            while len(node.disconnects) < 2:
+                await node.changed()
+        delivered = await node.received(4)
+    assert node.disconnects == [("alice", 4003, "Disconnected"), ("nobody", 4321, "bye\né")]
+    assert node.disconnected_after == [3, 4]
+    assert [fields_of(p)["payload"] for p in delivered] == [0, 1, 2, 3]
+
+
 # -- several nodes on one Redis ------------------------------------------------------------
 
 
@@ -144,3 +161,22 @@ async def test_latest_values_are_shared_by_the_nodes(redis_server: RedisServer) 
             assert await latest_values(node, "alice") == [second, replaced]
             live = [p for p in await node.settle() if p.user_id == "alice"]
             assert live == [first, second, replaced]
+
+
+async def test_a_disconnect_reaches_every_node_after_the_events_before_it(
+    redis_server: RedisServer,
+) -> None:
+    subject = Subject("redis", redis_server)
+    async with subject.node() as a, subject.node() as b:
+        for n in range(3):
+            await (a, b)[n % 2].publish("alice", n)
+        await b.backend.disconnect("alice", 1008, "Policy")
+        await a.publish("alice", 3)
+        for node in (a, b):
+            with anyio.fail_after(TIMEOUT):
+                while not node.disconnects:
+                    await node.changed()
+            delivered = await node.received(4)
+            assert node.disconnects == [("alice", 1008, "Policy")]
+            assert node.disconnected_after == [3]
+            assert [fields_of(p)["payload"] for p in delivered] == [0, 1, 2, 3]

@@ -1,6 +1,6 @@
 """What is particular to ``RedisBackend``, driven directly (no hub): several nodes, the message
 format on the channel and in the stream, foreign messages, losing Redis, the public names, the
-keys of latest values."""
+keys of latest values, disconnects."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ import pytest
 from asgi_events import BackendUnavailableError, codec, latest
 from asgi_events.backends.base import Published
 from asgi_events.backends.redis import RedisBackend
-from asgi_events.backends.redis.routing import UserKeys, decode, unbuffered
+from asgi_events.backends.redis.routing import (
+    Disconnection,
+    UserKeys,
+    decode,
+    disconnection,
+    unbuffered,
+)
 
 from ..support.backends import TIMEOUT, Node, Subject, epoch_of, point
 from ..support.redis_server import RedisServer
@@ -103,8 +109,30 @@ def test_routing_decodes_only_its_own_messages() -> None:
         '"alice"\ne1.5-0\n[1]',  # not an object
         '"alice"\ne1.99999999999999999999-0\n{}',
         "[" * 100_000 + "\n\n{}",
+        "!disconnect",
+        '!disconnect\n"alice"\n4003',  # no reason part
+        '!disconnect\n"alice"\n999\nx',  # not a code a disconnect may have
+        '!disconnect\n"alice"\n04003\nx',
+        '!disconnect\n"alice"\n' + "9" * 5000 + "\nx",
+        '!disconnect\n"alice"\n4003\n' + "x" * 124,  # a reason too long for a close frame
+        "!disconnect\nnull\n4003\nx",
+        '!disconnect\n["alice"]\n4003\nx',
+        '!other\n"alice"\n4003\nx',
     ]:
         assert decode(junk) is None, junk
+
+
+def test_routing_carries_disconnects() -> None:
+    for user_id, code, reason in [("alice", 4003, "Disconnected"), ("a\nb", 1000, "")]:
+        message = disconnection(user_id, code, reason)
+        assert decode(message) == Disconnection(user_id, code, reason)
+    assert disconnection("alice", 4100, "bye\nnow é") == '!disconnect\n"alice"\n4100\nbye\nnow é'
+    assert decode('!disconnect\n"alice"\n4100\nbye\nnow') == Disconnection(
+        "alice", 4100, "bye\nnow"
+    )
+    for code, reason in [(999, ""), (1001, ""), (5000, ""), (4000, "x" * 124)]:
+        with pytest.raises(ValueError):
+            disconnection("alice", code, reason)
 
 
 async def test_foreign_messages_on_the_channel_are_ignored(redis_server: RedisServer) -> None:
@@ -159,6 +187,8 @@ async def test_not_running_or_not_answering_is_unavailable(own_redis: RedisServe
         await backend.publish("alice", codec.prepare({"type": "T"}), False)
     with pytest.raises(BackendUnavailableError):
         await backend.replay("alice", None)
+    with pytest.raises(BackendUnavailableError):
+        await backend.disconnect("alice", 4003, "Disconnected")
     assert backend.stats()["backend"]["healthy"] is False
     subject = Subject("redis", own_redis)
     async with subject.node(timeout=0.5, heartbeat_interval=None) as node:
@@ -168,6 +198,8 @@ async def test_not_running_or_not_answering_is_unavailable(own_redis: RedisServe
                 await node.publish("alice", "frozen")
             with anyio.fail_after(0.5 + 2), pytest.raises(BackendUnavailableError):
                 await node.replay("alice")
+            with anyio.fail_after(0.5 + 2), pytest.raises(BackendUnavailableError):
+                await node.backend.disconnect("alice", 4003, "Disconnected")
         finally:
             own_redis.resume()
         # (a timeout, or a new connection that could not be made in time)
@@ -197,6 +229,16 @@ async def test_redis_lost_and_back_is_a_new_epoch(own_redis: RedisServer) -> Non
     assert replay.events == [after] and (replay.recovered, replay.reason) == (False, "epoch")
     assert stats["interruptions"] == 1 and stats["healthy"] is True
     assert stats["last_error"] is not None
+
+
+async def test_a_disconnect_with_a_code_no_close_may_have_is_refused(
+    redis_server: RedisServer,
+) -> None:
+    async with Subject("redis", redis_server).node() as node:
+        with pytest.raises(ValueError, match="code"):
+            await node.backend.disconnect("alice", 1001, "")
+        await node.settle()
+    assert node.disconnects == []
 
 
 async def test_latest_values_are_in_the_users_slot_and_expire(redis_server: RedisServer) -> None:

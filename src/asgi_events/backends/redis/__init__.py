@@ -8,7 +8,7 @@ id order. The message carries ``<user as JSON>\\n<id>\\n<text>``, where a buffer
 is its encoding without the id, which the receiving node adds (``routing``; that module also
 says why nodes of the previous message format must not share a prefix with these). Each node
 proves its subscription alive with heartbeats on a channel of its own, and gets it back with
-backoff after any loss (``subscription``).
+backoff after any loss (``subscription``). Disconnects travel on the events' channel too.
 
 Modules: ``scripts`` (the Lua source), ``routing`` (key and channel names, stream ids, the
 message format), ``storage`` (append, publish, latest values, replay), ``subscription`` (the
@@ -31,7 +31,7 @@ from ...errors import BackendUnavailableError
 from ...protocol import ResumePoint
 from ..base import Deliver, Disconnect, Lost, Replay
 from . import routing
-from .routing import UserKeys
+from .routing import Disconnection, UserKeys
 from .storage import Storage
 from .subscription import Health, Subscription, closing_quietly
 
@@ -92,6 +92,7 @@ class RedisBackend:
         self._timeout = timeout
         self._deliver: Deliver | None = None
         self._lost: Lost | None = None
+        self._disconnect: Disconnect | None = None
         self._health = Health()
         channel = routing.events_channel(prefix)
         self._storage = Storage(prefix, channel, max(int(meta_ttl * 1000), 1))
@@ -162,7 +163,7 @@ class RedisBackend:
         max_users: int | None,
     ) -> None:
         # ``max_users`` does not apply: users' keys expire in Redis by themselves.
-        self._deliver, self._lost = deliver, lost
+        self._deliver, self._lost, self._disconnect = deliver, lost, disconnect
         self._storage.size, self._storage.max_age_ms = size, max(int(max_age * 1000), 1)
 
     async def start(self, task_group: TaskGroup) -> None:
@@ -192,6 +193,15 @@ class RedisBackend:
         self, user_id: str, resume: ResumePoint | None, latest: bool = False
     ) -> Replay:
         return await self._call(self._storage.replay, user_id, resume, latest)
+
+    async def disconnect(self, user_id: str, code: int, reason: str) -> None:
+        """Each node (this one too) closes the user's streams when the message reaches it, after
+        the events published before it: this may return before.
+
+        :raises ValueError: a code or reason no disconnect may have (``disconnect_close``).
+        :raises BackendUnavailableError: Redis did not take it.
+        """
+        await self._call(self._storage.publish, routing.disconnection(user_id, code, reason))
 
     async def clear(self) -> None:
         pass  # shared by every node: one node's shutdown must not empty it
@@ -247,12 +257,15 @@ class RedisBackend:
             raise BackendUnavailableError(f"Redis did not take the request: {exc}") from exc
 
     async def _on_message(self, data: str) -> None:
-        published = routing.decode(data)
-        if published is None:
+        message = routing.decode(data)
+        if message is None:
             logger.warning("ignored a message on %s not published by asgi-events", self.channel)
-            return
-        assert self._deliver is not None
-        await self._deliver(published)
+        elif isinstance(message, Disconnection):
+            assert self._disconnect is not None
+            await self._disconnect(*message)
+        else:
+            assert self._deliver is not None
+            await self._deliver(message)
 
     async def _on_lost(self) -> None:
         assert self._lost is not None

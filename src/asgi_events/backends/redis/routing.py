@@ -8,7 +8,8 @@ and ``<prefix>:{<user>}:latest-at`` (slot -> when it was set; see ``scripts.PUBL
 Channels: ``<prefix>:events`` carries every event to every node; ``<prefix>:heartbeat:<node>``
 carries one node's heartbeats back to itself (``subscription``).
 
-A message on ``<prefix>:events`` is three parts separated by the first two newlines::
+A message on ``<prefix>:events`` is an event or a disconnect. An event is three parts separated
+by the first two newlines::
 
     <header>\\n<id>\\n<text>
 
@@ -20,7 +21,16 @@ A message on ``<prefix>:events`` is three parts separated by the first two newli
   is stored in the stream): the receiving node adds the id with ``codec.with_id``, so neither
   Lua nor Python splices JSON by hand. Other texts are complete as clients receive them.
 
-Anything else on the channel (published by someone else) is ignored with a warning.
+A disconnect (``RedisBackend.disconnect``) is four parts separated by the first three newlines::
+
+    !disconnect\\n<user id as JSON>\\n<code>\\n<reason>
+
+where ``code`` is decimal and ``reason`` the rest of the message (it may hold newlines); both are
+as ``protocol.disconnect_close`` takes them. It travels on the same channel as the user's events,
+so every node handles it after the events published before it. (A first part starting with
+``!`` is never JSON, so nodes of a version before disconnects ignore it with a warning.)
+
+Anything else on the channel (published by someone else, or garbled) is ignored with a warning.
 
 Compatibility: before this format, a buffered event's message was
 ``<header>\\n<stream id>\\n<text with id>`` and the stream kept the encoding without its closing
@@ -35,7 +45,7 @@ import json
 from typing import NamedTuple
 
 from ... import codec
-from ...protocol import split_id
+from ...protocol import disconnect_close, split_id
 from ..base import Published
 
 StreamKey = tuple[int, int]
@@ -72,6 +82,18 @@ class UserKeys(NamedTuple):
     """The sorted set of latest values' slots, scored by when each was set (microseconds)."""
 
 
+class Disconnection(NamedTuple):
+    """A disconnect as it comes off the channel: close the user's streams on this node."""
+
+    user_id: str
+    code: int
+    reason: str
+
+
+DISCONNECT = "!disconnect"
+"""The first part of a disconnect message."""
+
+
 def user_keys(prefix: str, user_id: str) -> UserKeys:
     tag = f"{prefix}:{{{user_id}}}"
     return UserKeys(f"{tag}:events", f"{tag}:meta", f"{tag}:latest", f"{tag}:latest-at")
@@ -95,9 +117,20 @@ def unbuffered(user_id: str | None, text: str) -> str:
     return f"{header(user_id)}\n\n{text}"
 
 
-def decode(data: str) -> Published | None:
-    """The event a message carries; None if it is not a message of this format."""
+def disconnection(user_id: str, code: int, reason: str) -> str:
+    """The message of a disconnect.
+
+    :raises ValueError: ``code`` or ``reason`` is not one a disconnect may have.
+    """
+    disconnect_close(code, reason)
+    return f"{DISCONNECT}\n{header(user_id)}\n{code}\n{reason}"
+
+
+def decode(data: str) -> Published | Disconnection | None:
+    """The event or disconnect a message carries; None if it is not a message of this format."""
     head, _, rest = data.partition("\n")
+    if head == DISCONNECT:
+        return _disconnection(rest)
     event_id, _, text = rest.partition("\n")
     try:
         user_id = json.loads(head)
@@ -112,3 +145,21 @@ def decode(data: str) -> Published | None:
     if user_id is None or key is None or not text.endswith("}"):
         return None
     return Published(user_id, codec.with_id(text, event_id), event_id, key)
+
+
+def _disconnection(rest: str) -> Disconnection | None:
+    head, _, rest = rest.partition("\n")
+    code, newline, reason = rest.partition("\n")
+    try:
+        user_id = json.loads(head)
+    except (ValueError, RecursionError):
+        return None
+    if not (isinstance(user_id, str) and newline and code.isascii() and code.isdigit()):
+        return None
+    if len(code) > 4:  # (every valid code has four digits)
+        return None
+    try:
+        disconnect_close(int(code), reason)
+    except ValueError:
+        return None
+    return Disconnection(user_id, int(code), reason)
