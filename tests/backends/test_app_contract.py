@@ -1,16 +1,20 @@
 """The backend contract's application API (``asgi_events.backends.base``), for every backend:
-publish returning the id, latest values, resuming from the start, disconnects.
+publish returning the id, latest values, resuming from the start, disconnects and presence.
 
 Checks of one node run against memory and Redis (``subject``); what only several nodes on one
-Redis can show (shared latest values, a disconnect reaching every node) runs against Redis. Each
-test runs on asyncio and trio.
+Redis can show (shared latest values, a disconnect reaching every node, presence adding up, a
+killed node) runs against Redis. Each test runs on asyncio and trio.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
+from anyio.abc import ByteReceiveStream
 
 from asgi_events import codec, latest
 from asgi_events.backends.base import Published
@@ -18,6 +22,8 @@ from asgi_events.protocol import ResumePoint
 
 from ..support.backends import TIMEOUT, Node, Subject, fields_of, point
 from ..support.redis_server import RedisServer
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def publish_latest(
@@ -148,6 +154,22 @@ async def test_disconnect_follows_the_events_published_before_it(subject: Subjec
     assert [fields_of(p)["payload"] for p in delivered] == [0, 1, 2, 3]
 
 
+async def test_presence_counts_this_nodes_streams(subject: Subject) -> None:
+    async with subject.node() as node:
+        backend = node.backend
+        assert await backend.presence([]) == {}
+        assert await backend.presence(["alice", "bob"]) == {"alice": 0, "bob": 0}
+        backend.present("alice", 2)
+        backend.present("bob", 1)
+        assert await backend.presence(["alice", "bob", "carol"]) == {
+            "alice": 2,
+            "bob": 1,
+            "carol": 0,
+        }
+        backend.present("alice", 0)
+        assert await backend.presence(["alice", "bob"]) == {"alice": 0, "bob": 1}
+
+
 # -- several nodes on one Redis ------------------------------------------------------------
 
 
@@ -180,3 +202,68 @@ async def test_a_disconnect_reaches_every_node_after_the_events_before_it(
             assert node.disconnects == [("alice", 1008, "Policy")]
             assert node.disconnected_after == [3]
             assert [fields_of(p)["payload"] for p in delivered] == [0, 1, 2, 3]
+
+
+async def poll_presence(node: Node, user_id: str, expected: int) -> None:
+    """Wait (bounded) until ``node`` counts ``expected`` streams of ``user_id``: other nodes
+    write theirs in the background, so there is nothing to wait on but the count itself."""
+    with anyio.fail_after(TIMEOUT):
+        while (await node.backend.presence([user_id]))[user_id] != expected:  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+async def test_presence_adds_up_over_the_nodes(redis_server: RedisServer) -> None:
+    subject = Subject("redis", redis_server)
+    async with subject.node() as a:
+        a.backend.present("alice", 2)
+        async with subject.node() as b:
+            b.backend.present("alice", 3)
+            b.backend.present("bob", 1)
+            await poll_presence(a, "alice", 5)
+            assert await a.backend.presence(["alice", "bob", "carol"]) == {
+                "alice": 5,
+                "bob": 1,
+                "carol": 0,
+            }
+            await poll_presence(b, "alice", 5)
+            b.backend.present("alice", 0)
+            await poll_presence(a, "alice", 2)
+            b.backend.present("alice", 4)
+            await poll_presence(a, "alice", 6)
+        # A clean stop says goodbye: its counts are gone at once.
+        assert await a.backend.presence(["alice", "bob"]) == {"alice": 2, "bob": 0}
+
+
+async def read_line(stream: ByteReceiveStream) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        data += await stream.receive()
+    return data.decode()
+
+
+async def test_a_killed_node_stops_counting_within_presence_ttl(
+    redis_server: RedisServer, anyio_backend: str
+) -> None:
+    """A node in a process of its own holds two streams of ``u``, and is killed (SIGKILL: no
+    goodbye); its counts expire within ``presence_ttl`` of its last write, before the kill."""
+    subject, ttl = Subject("redis", redis_server), 1.5
+    command = [sys.executable, str(ROOT / "tests" / "support" / "presence_node.py")]
+    command += [redis_server.url, subject.prefix, str(ttl), anyio_backend]
+    paths = [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+    async with subject.node() as here:
+        async with await anyio.open_process(command, env=env, stderr=None) as process:
+            try:
+                assert process.stdout is not None
+                with anyio.fail_after(20):  # a new process: imports, then its first write
+                    line = await read_line(process.stdout)
+                assert line.startswith("ready ")
+                assert await here.backend.presence(["u"]) == {"u": 2}
+                process.kill()
+                await process.wait()
+                with anyio.fail_after(ttl + 3):  # (it expires in Redis: no event, poll)
+                    while (await here.backend.presence(["u"]))["u"] != 0:  # noqa: ASYNC110
+                        await anyio.sleep(0.05)
+            finally:
+                if process.returncode is None:
+                    process.kill()

@@ -1,6 +1,6 @@
 """What is particular to ``RedisBackend``, driven directly (no hub): several nodes, the message
 format on the channel and in the stream, foreign messages, losing Redis, the public names, the
-keys of latest values, disconnects."""
+keys of latest values, disconnects and presence."""
 
 from __future__ import annotations
 
@@ -159,6 +159,8 @@ async def test_the_public_names(redis_server: RedisServer) -> None:
         assert backend.keys("alice") == UserKeys(
             f"{tag}:events", f"{tag}:meta", f"{tag}:latest", f"{tag}:latest-at"
         )
+        presence = f"{subject.prefix}:{{presence}}:node:{backend.node}"
+        assert backend.presence_key(backend.node) == presence
         await node.publish("alice", 1)
         await node.publish("alice", 2, transient=True)
         await node.settle()
@@ -189,6 +191,9 @@ async def test_not_running_or_not_answering_is_unavailable(own_redis: RedisServe
         await backend.replay("alice", None)
     with pytest.raises(BackendUnavailableError):
         await backend.disconnect("alice", 4003, "Disconnected")
+    with pytest.raises(BackendUnavailableError):
+        await backend.presence(["alice"])
+    backend.present("alice", 1)  # (never blocks, never fails: written once running)
     assert backend.stats()["backend"]["healthy"] is False
     subject = Subject("redis", own_redis)
     async with subject.node(timeout=0.5, heartbeat_interval=None) as node:
@@ -200,6 +205,8 @@ async def test_not_running_or_not_answering_is_unavailable(own_redis: RedisServe
                 await node.replay("alice")
             with anyio.fail_after(0.5 + 2), pytest.raises(BackendUnavailableError):
                 await node.backend.disconnect("alice", 4003, "Disconnected")
+            with anyio.fail_after(0.5 + 2), pytest.raises(BackendUnavailableError):
+                await node.backend.presence(["alice"])
         finally:
             own_redis.resume()
         # (a timeout, or a new connection that could not be made in time)
@@ -241,6 +248,12 @@ async def test_a_disconnect_with_a_code_no_close_may_have_is_refused(
     assert node.disconnects == []
 
 
+def test_presence_ttl_must_be_a_positive_number(redis_server: RedisServer) -> None:
+    for ttl in [0.0, -1.0, float("inf"), float("nan")]:
+        with pytest.raises(ValueError, match="presence_ttl"):
+            RedisBackend(redis_server.url, presence_ttl=ttl)
+
+
 async def test_latest_values_are_in_the_users_slot_and_expire(redis_server: RedisServer) -> None:
     subject, max_age = Subject("redis", redis_server), 60.0
     async with (
@@ -256,3 +269,47 @@ async def test_latest_values_are_in_the_users_slot_and_expire(redis_server: Redi
         for key in (keys.latest, keys.latest_at):
             assert 0 < await client.pttl(key) <= max_age * 1000
         assert await client.exists([keys.stream]) == 0  # (transient: not buffered)
+
+
+async def test_presence_keys_expire_and_a_clean_stop_removes_them(
+    redis_server: RedisServer,
+) -> None:
+    subject, ttl = Subject("redis", redis_server), 30.0
+    async with coredis.Redis.from_url(redis_server.url, decode_responses=True) as client:
+        async with subject.node(presence_ttl=ttl) as node:
+            backend = redis(node)
+            backend.present("alice", 2)
+            key, nodes = backend.presence_key(backend.node), f"{subject.prefix}:{{presence}}:nodes"
+            with anyio.fail_after(TIMEOUT):  # written in the background (no event: poll)
+                while await client.hget(key, "alice") != "2":  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+            assert backend.node in await client.zrange(nodes, 0, -1)
+            for name in (key, nodes):  # a node that dies leaves nothing behind
+                assert 0 < await client.pttl(name) <= ttl * 1000
+        assert await client.exists([key]) == 0
+        assert backend.node not in await client.zrange(nodes, 0, -1)
+
+
+async def test_presence_is_written_again_after_redis_lost_it(own_redis: RedisServer) -> None:
+    subject = Subject("redis", own_redis)
+    async with subject.node(timeout=1.0) as node:
+        backend = redis(node)
+        key = backend.presence_key(backend.node)
+        backend.present("alice", 2)
+        async with coredis.Redis.from_url(own_redis.url, decode_responses=True) as client:
+            with anyio.fail_after(TIMEOUT):  # (no event: poll)
+                while await client.hget(key, "alice") != "2":  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+        own_redis.stop()
+        while node.losses == 0:
+            await node.changed()
+        backend.present("bob", 1)  # its write fails: recorded, retried, never raised
+        own_redis.start()  # without its data
+        with anyio.fail_after(TIMEOUT):
+            while not backend.healthy:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        async with coredis.Redis.from_url(own_redis.url, decode_responses=True) as client:
+            with anyio.fail_after(TIMEOUT):  # every count, not only the one changed since
+                while await client.hgetall(key) != {"alice": "2", "bob": "1"}:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+        assert await backend.presence(["alice", "bob"]) == {"alice": 2, "bob": 1}

@@ -12,15 +12,16 @@ backoff after any loss (``subscription``). Disconnects travel on the events' cha
 
 Modules: ``scripts`` (the Lua source), ``routing`` (key and channel names, stream ids, the
 message format), ``storage`` (append, publish, latest values, replay), ``subscription`` (the
-Pub/Sub consumer, heartbeat watchdog, reconnection), and here ``RedisBackend``, which wires
-them together.
+Pub/Sub consumer, heartbeat watchdog, reconnection), ``presence`` (every node's counts, written
+in the background), and here ``RedisBackend``, which wires them together.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, ParamSpec, TypeVar
 
 import anyio
@@ -31,6 +32,7 @@ from ...errors import BackendUnavailableError
 from ...protocol import ResumePoint
 from ..base import Deliver, Disconnect, Lost, Replay
 from . import routing
+from .presence import Presence
 from .routing import Disconnection, UserKeys
 from .storage import Storage
 from .subscription import Health, Subscription, closing_quietly
@@ -71,6 +73,13 @@ class RedisBackend:
         partition is noticed within ``heartbeat_interval + heartbeat_timeout`` (3 s with the
         defaults). While other messages keep arriving the subscription is alive, only busy: a
         heartbeat may then be late, up to five times ``heartbeat_timeout``.
+    :param presence_ttl: seconds a node's presence counts live in Redis after it last wrote
+        them; a running node writes them at once on every change, and every ``presence_ttl /
+        3`` seconds anyway. So a node that ends without saying goodbye (killed, or cut off from
+        Redis) stops counting in ``presence()`` at most ``presence_ttl`` seconds later (Redis'
+        clock); one cut off counts again once its next write gets through. A clean ``stop()``
+        removes its counts at once. Keep it a few times ``timeout``: a live node whose writes
+        fail for two thirds of it drops out until one gets through.
     """
 
     def __init__(
@@ -83,28 +92,33 @@ class RedisBackend:
         meta_ttl: float = 86_400.0,
         heartbeat_interval: float | None = 1.0,
         heartbeat_timeout: float | None = None,
+        presence_ttl: float = 15.0,
     ) -> None:
         if heartbeat_interval is not None and not heartbeat_interval > 0:
             raise ValueError("heartbeat_interval must be positive (or None for no heartbeat)")
         if heartbeat_timeout is not None and not heartbeat_timeout > 0:
             raise ValueError("heartbeat_timeout must be positive")
+        if not (presence_ttl > 0 and math.isfinite(presence_ttl)):
+            raise ValueError("presence_ttl must be a positive number of seconds")
         self.url = url
         self._timeout = timeout
         self._deliver: Deliver | None = None
         self._lost: Lost | None = None
         self._disconnect: Disconnect | None = None
         self._health = Health()
-        channel = routing.events_channel(prefix)
+        channel, node = routing.events_channel(prefix), secrets.token_hex(8)
         self._storage = Storage(prefix, channel, max(int(meta_ttl * 1000), 1))
+        self._presence = Presence(self._health, prefix, node, presence_ttl, timeout)
         self._subscription = Subscription(
             self._health,
             channel=channel,
-            heartbeat_channel=routing.heartbeat_channel(prefix, secrets.token_hex(8)),
+            heartbeat_channel=routing.heartbeat_channel(prefix, node),
             max_backoff=max_backoff,
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout if heartbeat_timeout is not None else timeout,
             on_message=self._on_message,
             lost=self._on_lost,
+            subscribed=self._presence.resync,
         )
 
     # -- public, read-only views (for operators and tests) ---------------------------------
@@ -132,6 +146,15 @@ class RedisBackend:
         """The keys of ``user_id``'s data: ``.stream`` (its buffered events), ``.meta``,
         ``.latest`` and ``.latest_at`` (its latest values)."""
         return self._storage.keys(user_id)
+
+    @property
+    def node(self) -> str:
+        """This node's id (in its heartbeat channel and its presence key)."""
+        return self._presence.node
+
+    def presence_key(self, node: str) -> str:
+        """The hash of a node's presence counts (user -> streams)."""
+        return self._presence.key(node)
 
     @property
     def heartbeats_sent(self) -> int:
@@ -173,6 +196,7 @@ class RedisBackend:
 
     async def stop(self) -> None:
         self.healthy = False  # the hub then cancels its task group, which closes the client
+        await self._presence.leave()
 
     async def publish(
         self, user_id: str, fields: dict[str, Any], transient: bool, latest: str | None = None
@@ -202,6 +226,12 @@ class RedisBackend:
         :raises BackendUnavailableError: Redis did not take it.
         """
         await self._call(self._storage.publish, routing.disconnection(user_id, code, reason))
+
+    def present(self, user_id: str, count: int) -> None:
+        self._presence.set(user_id, count)
+
+    async def presence(self, user_ids: Collection[str]) -> dict[str, int]:
+        return await self._call(self._presence.read, user_ids)
 
     async def clear(self) -> None:
         pass  # shared by every node: one node's shutdown must not empty it
@@ -241,7 +271,9 @@ class RedisBackend:
             ):
                 self._storage.attach(client)
                 try:
-                    await self._subscription.run(client, subscriber, task_status)
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._presence.run, client)
+                        await self._subscription.run(client, subscriber, task_status)
                 finally:
                     self._storage.detach()
 

@@ -5,8 +5,10 @@ Keys, per user (one hash slot per user, so a Redis Cluster works): ``<prefix>:{<
 (the stream of buffered events), ``<prefix>:{<user>}:meta`` (epoch, position, what was
 trimmed; see ``storage``), ``<prefix>:{<user>}:latest`` (slot -> the text of its latest value)
 and ``<prefix>:{<user>}:latest-at`` (slot -> when it was set; see ``scripts.PUBLISH_LATEST``).
-Channels: ``<prefix>:events`` carries every event to every node; ``<prefix>:heartbeat:<node>``
-carries one node's heartbeats back to itself (``subscription``).
+Presence, per node: ``<prefix>:{presence}:node:<node>`` (user -> streams) and the set of nodes
+``<prefix>:{presence}:nodes`` (see ``presence``). Channels: ``<prefix>:events`` carries every
+event to every node; ``<prefix>:heartbeat:<node>`` carries one node's heartbeats back to itself
+(``subscription``).
 
 A message on ``<prefix>:events`` is an event or a disconnect. An event is three parts separated
 by the first two newlines::
@@ -97,6 +99,12 @@ DISCONNECT = "!disconnect"
 def user_keys(prefix: str, user_id: str) -> UserKeys:
     tag = f"{prefix}:{{{user_id}}}"
     return UserKeys(f"{tag}:events", f"{tag}:meta", f"{tag}:latest", f"{tag}:latest-at")
+
+
+def presence_keys(prefix: str) -> tuple[str, str]:
+    """The set of nodes, and the prefix of each node's hash of counts (one hash slot)."""
+    tag = f"{prefix}:{{presence}}"
+    return f"{tag}:nodes", f"{tag}:node:"
 
 
 def events_channel(prefix: str) -> str:

@@ -19,7 +19,7 @@ hash outlives the stream, so a user idle past the age bound still resumes exactl
 
 Latest values are kept and published in one script too (``PUBLISH_LATEST``), and read in the
 replay's script, so a connecting stream gets either a value (read with its position) or the
-live message that replaces it, never neither.
+live message that replaces it, never neither. ``PRESENCE`` writes one node's presence counts.
 """
 
 from __future__ import annotations
@@ -162,3 +162,32 @@ increasing per user so that the order of updates is kept within a microsecond to
 slot, the event's text, max_age_us, the most slots kept (the least recently updated go), the
 channel, the message (``routing.unbuffered``). Values set ``max_age`` ago or earlier are
 dropped; both keys expire with the newest value."""
+
+PRESENCE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if ARGV[3] == 'leave' then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 0
+end
+if ARGV[3] == 'all' then redis.call('DEL', KEYS[1]) end
+for i = 4, #ARGV, 2 do
+  if ARGV[i + 1] == '0' then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  else
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+local ttl = tonumber(ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
+redis.call('PEXPIREAT', KEYS[2], redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')[2])
+return redis.call('HLEN', KEYS[1])
+"""
+"""Write one node's presence counts. KEYS: the node's hash (user -> streams), the set of nodes
+(node -> when it expires, ms of Redis' clock). ARGV: node id, ttl_ms, mode (``all``: replace
+every count; ``some``: set these (0 removes); ``leave``: remove the node), then user, count
+pairs. Refreshes the TTL of the node's hash and its place in the set, and drops expired nodes
+from the set. Returns how many users the node's hash holds."""

@@ -88,6 +88,7 @@ class Subscription:
     :param heartbeat_timeout: seconds a heartbeat may take to come back.
     :param on_message: called with each message on ``channel``, in order.
     :param lost: called (and awaited) after a subscription that was up is lost.
+    :param subscribed: called each time the subscription is (again) up.
     """
 
     def __init__(
@@ -101,6 +102,7 @@ class Subscription:
         heartbeat_timeout: float,
         on_message: Callable[[str], Awaitable[None]],
         lost: Callable[[], Awaitable[None]],
+        subscribed: Callable[[], None] = lambda: None,
     ) -> None:
         self.health = health
         self.channel = channel
@@ -113,6 +115,7 @@ class Subscription:
         """Heartbeats sent so far; the newest one's number is the message awaited back."""
         self._on_message = on_message
         self._lost = lost
+        self._subscribed = subscribed
         self._beat_back = anyio.Event()  # set when the newest heartbeat came back
         self._last_seen = 0.0  # when a message last came on the subscription (anyio's clock)
         self._beat_failure: str | None = None  # why the current subscription was given up
@@ -137,6 +140,7 @@ class Subscription:
                     channels=channels, ignore_subscribe_messages=True, retry_policy=None
                 ) as pubsub:
                     health.healthy, delay = True, 0.1
+                    self._subscribed()
                     if not started:
                         started = True
                         task_status.started()
