@@ -1,5 +1,6 @@
 """What is particular to ``RedisBackend``, driven directly (no hub): several nodes, the message
-format on the channel and in the stream, foreign messages, losing Redis, the public names."""
+format on the channel and in the stream, foreign messages, losing Redis, the public names, the
+keys of latest values, disconnects and presence."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ import anyio
 import coredis
 import pytest
 
-from asgi_events import BackendUnavailableError, codec
+from asgi_events import BackendUnavailableError, codec, latest
 from asgi_events.backends.base import Published
 from asgi_events.backends.redis import RedisBackend
-from asgi_events.backends.redis.routing import UserKeys, decode, unbuffered
+from asgi_events.backends.redis.routing import (
+    Disconnection,
+    UserKeys,
+    decode,
+    disconnection,
+    unbuffered,
+)
 
 from ..support.backends import TIMEOUT, Node, Subject, epoch_of, point
 from ..support.redis_server import RedisServer
@@ -102,8 +109,30 @@ def test_routing_decodes_only_its_own_messages() -> None:
         '"alice"\ne1.5-0\n[1]',  # not an object
         '"alice"\ne1.99999999999999999999-0\n{}',
         "[" * 100_000 + "\n\n{}",
+        "!disconnect",
+        '!disconnect\n"alice"\n4003',  # no reason part
+        '!disconnect\n"alice"\n999\nx',  # not a code a disconnect may have
+        '!disconnect\n"alice"\n04003\nx',
+        '!disconnect\n"alice"\n' + "9" * 5000 + "\nx",
+        '!disconnect\n"alice"\n4003\n' + "x" * 124,  # a reason too long for a close frame
+        "!disconnect\nnull\n4003\nx",
+        '!disconnect\n["alice"]\n4003\nx',
+        '!other\n"alice"\n4003\nx',
     ]:
         assert decode(junk) is None, junk
+
+
+def test_routing_carries_disconnects() -> None:
+    for user_id, code, reason in [("alice", 4003, "Disconnected"), ("a\nb", 1000, "")]:
+        message = disconnection(user_id, code, reason)
+        assert decode(message) == Disconnection(user_id, code, reason)
+    assert disconnection("alice", 4100, "bye\nnow é") == '!disconnect\n"alice"\n4100\nbye\nnow é'
+    assert decode('!disconnect\n"alice"\n4100\nbye\nnow') == Disconnection(
+        "alice", 4100, "bye\nnow"
+    )
+    for code, reason in [(999, ""), (1001, ""), (5000, ""), (4000, "x" * 124)]:
+        with pytest.raises(ValueError):
+            disconnection("alice", code, reason)
 
 
 async def test_foreign_messages_on_the_channel_are_ignored(redis_server: RedisServer) -> None:
@@ -127,7 +156,11 @@ async def test_the_public_names(redis_server: RedisServer) -> None:
         assert backend.prefix == subject.prefix
         assert backend.channel == f"{subject.prefix}:events"
         tag = f"{subject.prefix}:{{alice}}"
-        assert backend.keys("alice") == UserKeys(f"{tag}:events", f"{tag}:meta")
+        assert backend.keys("alice") == UserKeys(
+            f"{tag}:events", f"{tag}:meta", f"{tag}:latest", f"{tag}:latest-at"
+        )
+        presence = f"{subject.prefix}:{{presence}}:node:{backend.node}"
+        assert backend.presence_key(backend.node) == presence
         await node.publish("alice", 1)
         await node.publish("alice", 2, transient=True)
         await node.settle()
@@ -156,6 +189,11 @@ async def test_not_running_or_not_answering_is_unavailable(own_redis: RedisServe
         await backend.publish("alice", codec.prepare({"type": "T"}), False)
     with pytest.raises(BackendUnavailableError):
         await backend.replay("alice", None)
+    with pytest.raises(BackendUnavailableError):
+        await backend.disconnect("alice", 4003, "Disconnected")
+    with pytest.raises(BackendUnavailableError):
+        await backend.presence(["alice"])
+    backend.present("alice", 1)  # (never blocks, never fails: written once running)
     assert backend.stats()["backend"]["healthy"] is False
     subject = Subject("redis", own_redis)
     async with subject.node(timeout=0.5, heartbeat_interval=None) as node:
@@ -165,6 +203,10 @@ async def test_not_running_or_not_answering_is_unavailable(own_redis: RedisServe
                 await node.publish("alice", "frozen")
             with anyio.fail_after(0.5 + 2), pytest.raises(BackendUnavailableError):
                 await node.replay("alice")
+            with anyio.fail_after(0.5 + 2), pytest.raises(BackendUnavailableError):
+                await node.backend.disconnect("alice", 4003, "Disconnected")
+            with anyio.fail_after(0.5 + 2), pytest.raises(BackendUnavailableError):
+                await node.backend.presence(["alice"])
         finally:
             own_redis.resume()
         # (a timeout, or a new connection that could not be made in time)
@@ -194,3 +236,80 @@ async def test_redis_lost_and_back_is_a_new_epoch(own_redis: RedisServer) -> Non
     assert replay.events == [after] and (replay.recovered, replay.reason) == (False, "epoch")
     assert stats["interruptions"] == 1 and stats["healthy"] is True
     assert stats["last_error"] is not None
+
+
+async def test_a_disconnect_with_a_code_no_close_may_have_is_refused(
+    redis_server: RedisServer,
+) -> None:
+    async with Subject("redis", redis_server).node() as node:
+        with pytest.raises(ValueError, match="code"):
+            await node.backend.disconnect("alice", 1001, "")
+        await node.settle()
+    assert node.disconnects == []
+
+
+def test_presence_ttl_must_be_a_positive_number(redis_server: RedisServer) -> None:
+    for ttl in [0.0, -1.0, float("inf"), float("nan")]:
+        with pytest.raises(ValueError, match="presence_ttl"):
+            RedisBackend(redis_server.url, presence_ttl=ttl)
+
+
+async def test_latest_values_are_in_the_users_slot_and_expire(redis_server: RedisServer) -> None:
+    subject, max_age = Subject("redis", redis_server), 60.0
+    async with (
+        subject.node(max_age=max_age) as node,
+        coredis.Redis.from_url(redis_server.url, decode_responses=True) as client,
+    ):
+        fields = codec.prepare({"type": "L", "payload": 1})
+        slot = latest.slot("L", fields, "payload")
+        await node.backend.publish("alice", fields, True, latest=slot)
+        keys = redis(node).keys("alice")
+        assert await client.hgetall(keys.latest) == {slot: codec.encode(fields)}
+        assert list(await client.zrange(keys.latest_at, 0, -1)) == [slot]
+        for key in (keys.latest, keys.latest_at):
+            assert 0 < await client.pttl(key) <= max_age * 1000
+        assert await client.exists([keys.stream]) == 0  # (transient: not buffered)
+
+
+async def test_presence_keys_expire_and_a_clean_stop_removes_them(
+    redis_server: RedisServer,
+) -> None:
+    subject, ttl = Subject("redis", redis_server), 30.0
+    async with coredis.Redis.from_url(redis_server.url, decode_responses=True) as client:
+        async with subject.node(presence_ttl=ttl) as node:
+            backend = redis(node)
+            backend.present("alice", 2)
+            key, nodes = backend.presence_key(backend.node), f"{subject.prefix}:{{presence}}:nodes"
+            with anyio.fail_after(TIMEOUT):  # written in the background (no event: poll)
+                while await client.hget(key, "alice") != "2":  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+            assert backend.node in await client.zrange(nodes, 0, -1)
+            for name in (key, nodes):  # a node that dies leaves nothing behind
+                assert 0 < await client.pttl(name) <= ttl * 1000
+        assert await client.exists([key]) == 0
+        assert backend.node not in await client.zrange(nodes, 0, -1)
+
+
+async def test_presence_is_written_again_after_redis_lost_it(own_redis: RedisServer) -> None:
+    subject = Subject("redis", own_redis)
+    async with subject.node(timeout=1.0) as node:
+        backend = redis(node)
+        key = backend.presence_key(backend.node)
+        backend.present("alice", 2)
+        async with coredis.Redis.from_url(own_redis.url, decode_responses=True) as client:
+            with anyio.fail_after(TIMEOUT):  # (no event: poll)
+                while await client.hget(key, "alice") != "2":  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+        own_redis.stop()
+        while node.losses == 0:
+            await node.changed()
+        backend.present("bob", 1)  # its write fails: recorded, retried, never raised
+        own_redis.start()  # without its data
+        with anyio.fail_after(TIMEOUT):
+            while not backend.healthy:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        async with coredis.Redis.from_url(own_redis.url, decode_responses=True) as client:
+            with anyio.fail_after(TIMEOUT):  # every count, not only the one changed since
+                while await client.hgetall(key) != {"alice": "2", "bob": "1"}:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+        assert await backend.presence(["alice", "bob"]) == {"alice": 2, "bob": 1}

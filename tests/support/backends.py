@@ -49,6 +49,8 @@ class Node:
     delivered: list[Published] = field(default_factory=list)
     losses: int = 0
     disconnects: list[tuple[str, int, str]] = field(default_factory=list)
+    disconnected_after: list[int] = field(default_factory=list)
+    """For each disconnect, how many events had been delivered before it."""
     _changed: anyio.Event = field(default_factory=anyio.Event)
 
     async def deliver(self, published: Published) -> None:
@@ -58,6 +60,7 @@ class Node:
 
     async def disconnect(self, user_id: str, code: int, reason: str) -> None:
         self.disconnects.append((user_id, code, reason))
+        self.disconnected_after.append(len(self.delivered))
         self._changed.set()
         self._changed = anyio.Event()
 

@@ -8,19 +8,20 @@ id order. The message carries ``<user as JSON>\\n<id>\\n<text>``, where a buffer
 is its encoding without the id, which the receiving node adds (``routing``; that module also
 says why nodes of the previous message format must not share a prefix with these). Each node
 proves its subscription alive with heartbeats on a channel of its own, and gets it back with
-backoff after any loss (``subscription``).
+backoff after any loss (``subscription``). Disconnects travel on the events' channel too.
 
 Modules: ``scripts`` (the Lua source), ``routing`` (key and channel names, stream ids, the
-message format), ``storage`` (append, publish, replay), ``subscription`` (the Pub/Sub consumer,
-heartbeat watchdog, reconnection), and here ``RedisBackend``, which wires them together.
+message format), ``storage`` (append, publish, latest values, replay), ``subscription`` (the
+Pub/Sub consumer, heartbeat watchdog, reconnection), ``presence`` (every node's counts, written
+in the background), and here ``RedisBackend``, which wires them together.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
-import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, ParamSpec, TypeVar
 
 import anyio
@@ -31,18 +32,16 @@ from ...errors import BackendUnavailableError
 from ...protocol import ResumePoint
 from ..base import Deliver, Disconnect, Lost, Replay
 from . import routing
-from .routing import UserKeys
+from .presence import Presence
+from .routing import Disconnection, UserKeys
 from .storage import Storage
-from .subscription import Health, Subscription
+from .subscription import Health, Subscription, closing_quietly
 
 try:
     import coredis
     from coredis.retry import NoRetryPolicy
 except ImportError as exc:  # pragma: no cover
     raise ImportError("RedisBackend needs coredis: pip install 'asgi-events[redis]'") from exc
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ("RedisBackend",)
 
@@ -74,6 +73,13 @@ class RedisBackend:
         partition is noticed within ``heartbeat_interval + heartbeat_timeout`` (3 s with the
         defaults). While other messages keep arriving the subscription is alive, only busy: a
         heartbeat may then be late, up to five times ``heartbeat_timeout``.
+    :param presence_ttl: seconds a node's presence counts live in Redis after it last wrote
+        them; a running node writes them at once on every change, and every ``presence_ttl /
+        3`` seconds anyway. So a node that ends without saying goodbye (killed, or cut off from
+        Redis) stops counting in ``presence()`` at most ``presence_ttl`` seconds later (Redis'
+        clock); one cut off counts again once its next write gets through. A clean ``stop()``
+        removes its counts at once. Keep it a few times ``timeout``: a live node whose writes
+        fail for two thirds of it drops out until one gets through.
     """
 
     def __init__(
@@ -86,27 +92,33 @@ class RedisBackend:
         meta_ttl: float = 86_400.0,
         heartbeat_interval: float | None = 1.0,
         heartbeat_timeout: float | None = None,
+        presence_ttl: float = 15.0,
     ) -> None:
         if heartbeat_interval is not None and not heartbeat_interval > 0:
             raise ValueError("heartbeat_interval must be positive (or None for no heartbeat)")
         if heartbeat_timeout is not None and not heartbeat_timeout > 0:
             raise ValueError("heartbeat_timeout must be positive")
+        if not (presence_ttl > 0 and math.isfinite(presence_ttl)):
+            raise ValueError("presence_ttl must be a positive number of seconds")
         self.url = url
         self._timeout = timeout
         self._deliver: Deliver | None = None
         self._lost: Lost | None = None
+        self._disconnect: Disconnect | None = None
         self._health = Health()
-        channel = routing.events_channel(prefix)
+        channel, node = routing.events_channel(prefix), secrets.token_hex(8)
         self._storage = Storage(prefix, channel, max(int(meta_ttl * 1000), 1))
+        self._presence = Presence(self._health, prefix, node, presence_ttl, timeout)
         self._subscription = Subscription(
             self._health,
             channel=channel,
-            heartbeat_channel=routing.heartbeat_channel(prefix, secrets.token_hex(8)),
+            heartbeat_channel=routing.heartbeat_channel(prefix, node),
             max_backoff=max_backoff,
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout if heartbeat_timeout is not None else timeout,
             on_message=self._on_message,
             lost=self._on_lost,
+            subscribed=self._presence.resync,
         )
 
     # -- public, read-only views (for operators and tests) ---------------------------------
@@ -131,8 +143,18 @@ class RedisBackend:
         return self._storage.channel
 
     def keys(self, user_id: str) -> UserKeys:
-        """The keys of ``user_id``'s data: ``.stream`` (its buffered events) and ``.meta``."""
+        """The keys of ``user_id``'s data: ``.stream`` (its buffered events), ``.meta``,
+        ``.latest`` and ``.latest_at`` (its latest values)."""
         return self._storage.keys(user_id)
+
+    @property
+    def node(self) -> str:
+        """This node's id (in its heartbeat channel and its presence key)."""
+        return self._presence.node
+
+    def presence_key(self, node: str) -> str:
+        """The hash of a node's presence counts (user -> streams)."""
+        return self._presence.key(node)
 
     @property
     def heartbeats_sent(self) -> int:
@@ -164,7 +186,7 @@ class RedisBackend:
         max_users: int | None,
     ) -> None:
         # ``max_users`` does not apply: users' keys expire in Redis by themselves.
-        self._deliver, self._lost = deliver, lost
+        self._deliver, self._lost, self._disconnect = deliver, lost, disconnect
         self._storage.size, self._storage.max_age_ms = size, max(int(max_age * 1000), 1)
 
     async def start(self, task_group: TaskGroup) -> None:
@@ -174,19 +196,42 @@ class RedisBackend:
 
     async def stop(self) -> None:
         self.healthy = False  # the hub then cancels its task group, which closes the client
+        await self._presence.leave()
 
-    async def publish(self, user_id: str, fields: dict[str, Any], transient: bool) -> None:
-        if transient:
+    async def publish(
+        self, user_id: str, fields: dict[str, Any], transient: bool, latest: str | None = None
+    ) -> str | None:
+        if latest is not None:
+            await self._call(self._storage.publish_latest, user_id, latest, codec.encode(fields))
+        elif transient:
             message = routing.unbuffered(user_id, codec.encode(fields))
             await self._call(self._storage.publish, message)
         else:
-            await self._call(self._storage.append, user_id, fields)
+            return await self._call(self._storage.append, user_id, fields)
+        return None
 
     async def publish_to_all(self, text: str) -> None:
         await self._call(self._storage.publish, routing.unbuffered(None, text))
 
-    async def replay(self, user_id: str, resume: ResumePoint | None) -> Replay:
-        return await self._call(self._storage.replay, user_id, resume)
+    async def replay(
+        self, user_id: str, resume: ResumePoint | None, latest: bool = False
+    ) -> Replay:
+        return await self._call(self._storage.replay, user_id, resume, latest)
+
+    async def disconnect(self, user_id: str, code: int, reason: str) -> None:
+        """Each node (this one too) closes the user's streams when the message reaches it, after
+        the events published before it: this may return before.
+
+        :raises ValueError: a code or reason no disconnect may have (``disconnect_close``).
+        :raises BackendUnavailableError: Redis did not take it.
+        """
+        await self._call(self._storage.publish, routing.disconnection(user_id, code, reason))
+
+    def present(self, user_id: str, count: int) -> None:
+        self._presence.set(user_id, count)
+
+    async def presence(self, user_ids: Collection[str]) -> dict[str, int]:
+        return await self._call(self._presence.read, user_ids)
 
     async def clear(self) -> None:
         pass  # shared by every node: one node's shutdown must not empty it
@@ -215,7 +260,7 @@ class RedisBackend:
             connect_timeout=self._timeout,
             stream_timeout=self._timeout,
         )
-        try:
+        with closing_quietly():
             async with (
                 # No retries: appending is not idempotent, and a retry after a reply lost on
                 # the way could append an event twice. A failed call raises to the caller.
@@ -226,25 +271,11 @@ class RedisBackend:
             ):
                 self._storage.attach(client)
                 try:
-                    await self._subscription.run(client, subscriber, task_status)
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._presence.run, client)
+                        await self._subscription.run(client, subscriber, task_status)
                 finally:
                     self._storage.detach()
-        except BaseException as exc:
-            # Cancelled at shutdown, coredis may fail to unsubscribe on a connection it already
-            # closed (seen on trio): nothing is left to clean up, so only the cancellation goes on.
-            if not isinstance(exc, BaseExceptionGroup):
-                if isinstance(exc, Exception):
-                    logger.debug("the Redis client closed with %s", type(exc).__name__)
-                    return
-                raise
-            errors, rest = exc.split(Exception)
-            if errors is not None:
-                logger.debug("the Redis client closed with %s", errors.exceptions)
-            if rest is not None:  # only the cancellation is left: raise it bare, as it came
-                cancelled: BaseException = rest
-                while isinstance(cancelled, BaseExceptionGroup):
-                    cancelled = cancelled.exceptions[0]
-                raise cancelled from None
 
     async def _call(
         self, fn: Callable[_P, Awaitable[_T]], *args: _P.args, **kwargs: _P.kwargs
@@ -258,12 +289,15 @@ class RedisBackend:
             raise BackendUnavailableError(f"Redis did not take the request: {exc}") from exc
 
     async def _on_message(self, data: str) -> None:
-        published = routing.decode(data)
-        if published is None:
+        message = routing.decode(data)
+        if message is None:
             logger.warning("ignored a message on %s not published by asgi-events", self.channel)
-            return
-        assert self._deliver is not None
-        await self._deliver(published)
+        elif isinstance(message, Disconnection):
+            assert self._disconnect is not None
+            await self._disconnect(*message)
+        else:
+            assert self._deliver is not None
+            await self._deliver(message)
 
     async def _on_lost(self) -> None:
         assert self._lost is not None

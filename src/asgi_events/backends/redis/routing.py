@@ -2,11 +2,16 @@
 Pub/Sub message format.
 
 Keys, per user (one hash slot per user, so a Redis Cluster works): ``<prefix>:{<user>}:events``
-(the stream of buffered events) and ``<prefix>:{<user>}:meta`` (epoch, position, what was
-trimmed); see ``storage``. Channels: ``<prefix>:events`` carries every event to every node;
-``<prefix>:heartbeat:<node>`` carries one node's heartbeats back to itself (``subscription``).
+(the stream of buffered events), ``<prefix>:{<user>}:meta`` (epoch, position, what was
+trimmed; see ``storage``), ``<prefix>:{<user>}:latest`` (slot -> the text of its latest value)
+and ``<prefix>:{<user>}:latest-at`` (slot -> when it was set; see ``scripts.PUBLISH_LATEST``).
+Presence, per node: ``<prefix>:{presence}:node:<node>`` (user -> streams) and the set of nodes
+``<prefix>:{presence}:nodes`` (see ``presence``). Channels: ``<prefix>:events`` carries every
+event to every node; ``<prefix>:heartbeat:<node>`` carries one node's heartbeats back to itself
+(``subscription``).
 
-A message on ``<prefix>:events`` is three parts separated by the first two newlines::
+A message on ``<prefix>:events`` is an event or a disconnect. An event is three parts separated
+by the first two newlines::
 
     <header>\\n<id>\\n<text>
 
@@ -18,7 +23,16 @@ A message on ``<prefix>:events`` is three parts separated by the first two newli
   is stored in the stream): the receiving node adds the id with ``codec.with_id``, so neither
   Lua nor Python splices JSON by hand. Other texts are complete as clients receive them.
 
-Anything else on the channel (published by someone else) is ignored with a warning.
+A disconnect (``RedisBackend.disconnect``) is four parts separated by the first three newlines::
+
+    !disconnect\\n<user id as JSON>\\n<code>\\n<reason>
+
+where ``code`` is decimal and ``reason`` the rest of the message (it may hold newlines); both are
+as ``protocol.disconnect_close`` takes them. It travels on the same channel as the user's events,
+so every node handles it after the events published before it. (A first part starting with
+``!`` is never JSON, so nodes of a version before disconnects ignore it with a warning.)
+
+Anything else on the channel (published by someone else, or garbled) is ignored with a warning.
 
 Compatibility: before this format, a buffered event's message was
 ``<header>\\n<stream id>\\n<text with id>`` and the stream kept the encoding without its closing
@@ -33,7 +47,7 @@ import json
 from typing import NamedTuple
 
 from ... import codec
-from ...protocol import split_id
+from ...protocol import disconnect_close, split_id
 from ..base import Published
 
 StreamKey = tuple[int, int]
@@ -64,11 +78,33 @@ class UserKeys(NamedTuple):
     """The stream of buffered events."""
     meta: str
     """The hash of epoch, newest id, newest trimmed id and why."""
+    latest: str
+    """The hash of latest values: slot -> text."""
+    latest_at: str
+    """The sorted set of latest values' slots, scored by when each was set (microseconds)."""
+
+
+class Disconnection(NamedTuple):
+    """A disconnect as it comes off the channel: close the user's streams on this node."""
+
+    user_id: str
+    code: int
+    reason: str
+
+
+DISCONNECT = "!disconnect"
+"""The first part of a disconnect message."""
 
 
 def user_keys(prefix: str, user_id: str) -> UserKeys:
     tag = f"{prefix}:{{{user_id}}}"
-    return UserKeys(f"{tag}:events", f"{tag}:meta")
+    return UserKeys(f"{tag}:events", f"{tag}:meta", f"{tag}:latest", f"{tag}:latest-at")
+
+
+def presence_keys(prefix: str) -> tuple[str, str]:
+    """The set of nodes, and the prefix of each node's hash of counts (one hash slot)."""
+    tag = f"{prefix}:{{presence}}"
+    return f"{tag}:nodes", f"{tag}:node:"
 
 
 def events_channel(prefix: str) -> str:
@@ -89,9 +125,20 @@ def unbuffered(user_id: str | None, text: str) -> str:
     return f"{header(user_id)}\n\n{text}"
 
 
-def decode(data: str) -> Published | None:
-    """The event a message carries; None if it is not a message of this format."""
+def disconnection(user_id: str, code: int, reason: str) -> str:
+    """The message of a disconnect.
+
+    :raises ValueError: ``code`` or ``reason`` is not one a disconnect may have.
+    """
+    disconnect_close(code, reason)
+    return f"{DISCONNECT}\n{header(user_id)}\n{code}\n{reason}"
+
+
+def decode(data: str) -> Published | Disconnection | None:
+    """The event or disconnect a message carries; None if it is not a message of this format."""
     head, _, rest = data.partition("\n")
+    if head == DISCONNECT:
+        return _disconnection(rest)
     event_id, _, text = rest.partition("\n")
     try:
         user_id = json.loads(head)
@@ -106,3 +153,21 @@ def decode(data: str) -> Published | None:
     if user_id is None or key is None or not text.endswith("}"):
         return None
     return Published(user_id, codec.with_id(text, event_id), event_id, key)
+
+
+def _disconnection(rest: str) -> Disconnection | None:
+    head, _, rest = rest.partition("\n")
+    code, newline, reason = rest.partition("\n")
+    try:
+        user_id = json.loads(head)
+    except (ValueError, RecursionError):
+        return None
+    if not (isinstance(user_id, str) and newline and code.isascii() and code.isdigit()):
+        return None
+    if len(code) > 4:  # (every valid code has four digits)
+        return None
+    try:
+        disconnect_close(int(code), reason)
+    except ValueError:
+        return None
+    return Disconnection(user_id, int(code), reason)

@@ -8,7 +8,7 @@ receives each user's events in id order, whichever node published them. Assignin
 Python, before or after the append, would leave a window in which another node's event could
 be appended or published in between, and nodes could then see two orders.
 
-Neither script touches the event's JSON: the stream and the channel carry the encoding without
+No script touches the event's JSON: the stream and the channel carry the encoding without
 ``id`` (``codec.encode``), and whoever hands an event to clients adds the id with
 ``codec.with_id`` (see ``routing`` and ``storage``).
 
@@ -16,11 +16,15 @@ A user's meta hash holds its epoch (``e``), its newest stream id (``l``), the ne
 trimmed away (``t``) and why (``w``: ``evicted`` by size, ``expired`` by age). Redis' own
 max-deleted-entry-id does not count trimming, so the scripts keep ``t`` themselves; and the meta
 hash outlives the stream, so a user idle past the age bound still resumes exactly.
+
+Latest values are kept and published in one script too (``PUBLISH_LATEST``), and read in the
+replay's script, so a connecting stream gets either a value (read with its position) or the
+live message that replaces it, never neither. ``PRESENCE`` writes one node's presence counts.
 """
 
 from __future__ import annotations
 
-# Shared by both scripts.
+# Shared by APPEND and REPLAY.
 LIB = """
 local function parts(id)
   local ms, n = string.match(id, '^(%d+)-(%d+)$')
@@ -63,6 +67,18 @@ local function trim(stream, size, max_age_ms, last, trimmed, why)
 end
 """
 
+# Shared by the scripts of latest values: Redis' clock in microseconds, and a score as Redis
+# takes it (Lua's own number formatting would round 16 digits away).
+LATEST_LIB = """
+local function micros()
+  local now = redis.call('TIME')
+  return tonumber(now[1]) * 1000000 + tonumber(now[2])
+end
+local function score(n)
+  return string.format('%.0f', n)
+end
+"""
+
 APPEND = (
     LIB
     + """
@@ -76,16 +92,17 @@ redis.call('HSET', KEYS[2], 'l', id, 't', trimmed, 'w', why)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PUBLISH', ARGV[6], ARGV[7] .. '\\n' .. epoch .. '.' .. id .. '\\n' .. ARGV[4])
-return id
+return {epoch, id}
 """
 )
 """Buffer one event and publish it. KEYS: stream, meta. ARGV: size, max_age_ms, meta_ttl_ms,
 the encoded event without id, its timestamp, the channel, the message header (``routing``),
 a fresh epoch (used if the user has none). The stream entry's fields: ``b`` the encoded event
-without id, ``t`` its own timestamp. Returns the stream id."""
+without id, ``t`` its own timestamp. Returns ``{epoch, stream id}``: the event's id."""
 
 REPLAY = (
     LIB
+    + LATEST_LIB
     + """
 local epoch, last, trimmed, why = meta(KEYS[2], ARGV[5])
 trimmed, why = trim(KEYS[1], nil, tonumber(ARGV[4]), last, trimmed, why)
@@ -99,10 +116,78 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
     entries = redis.call('XRANGE', KEYS[1], '-', '+')
   end
 end
-return {epoch, last, trimmed, why, entries}
+local values = {}
+if ARGV[7] == '1' then
+  local cutoff = '(' .. score(micros() - tonumber(ARGV[8]))
+  local slots = redis.call('ZRANGEBYSCORE', KEYS[4], cutoff, '+inf')
+  if #slots > 0 then values = redis.call('HMGET', KEYS[3], unpack(slots)) end
+end
+return {epoch, last, trimmed, why, entries, values}
 """
 )
-"""A user's position and the entries a resume needs. KEYS: stream, meta. ARGV: mode (``after``:
-the entries after a stream id of the client's epoch, else all; ``all``; ``none``), the client's
-epoch, the stream id it has, max_age_ms, a fresh epoch, meta_ttl_ms. Returns
-``{epoch, newest id, newest trimmed id, why trimmed, entries}``."""
+"""A user's position and the entries a resume needs, and its latest values if asked for.
+KEYS: stream, meta, latest, latest-at. ARGV: mode (``after``: the entries after a stream id of
+the client's epoch, else all; ``all``; ``none``), the client's epoch, the stream id it has,
+max_age_ms, a fresh epoch, meta_ttl_ms, ``1`` to read the latest values (else they are not
+touched), max_age_us. Returns ``{epoch, newest id, newest trimmed id, why trimmed, entries,
+latest values' texts (oldest first)}``."""
+
+PUBLISH_LATEST = (
+    LATEST_LIB
+    + """
+local now, max_age = micros(), tonumber(ARGV[3])
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', score(now - max_age))
+if #old > 0 then
+  redis.call('HDEL', KEYS[1], unpack(old))
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', score(now - max_age))
+end
+local at, newest = now, redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+if #newest > 0 and tonumber(newest[2]) >= at then at = tonumber(newest[2]) + 1 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], score(at), ARGV[1])
+local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
+if over > 0 then
+  redis.call('HDEL', KEYS[1], unpack(redis.call('ZRANGE', KEYS[2], 0, over - 1)))
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1)
+end
+local ttl_ms = score(math.ceil((at - now + max_age) / 1000))
+redis.call('PEXPIRE', KEYS[1], ttl_ms)
+redis.call('PEXPIRE', KEYS[2], ttl_ms)
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+"""
+)
+"""Keep an event as the user's latest value of a slot, and publish it (transient). KEYS:
+latest (slot -> text), latest-at (slot -> when set, in microseconds of Redis' clock, strictly
+increasing per user so that the order of updates is kept within a microsecond too). ARGV: the
+slot, the event's text, max_age_us, the most slots kept (the least recently updated go), the
+channel, the message (``routing.unbuffered``). Values set ``max_age`` ago or earlier are
+dropped; both keys expire with the newest value."""
+
+PRESENCE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if ARGV[3] == 'leave' then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 0
+end
+if ARGV[3] == 'all' then redis.call('DEL', KEYS[1]) end
+for i = 4, #ARGV, 2 do
+  if ARGV[i + 1] == '0' then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  else
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+local ttl = tonumber(ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
+redis.call('PEXPIREAT', KEYS[2], redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')[2])
+return redis.call('HLEN', KEYS[1])
+"""
+"""Write one node's presence counts. KEYS: the node's hash (user -> streams), the set of nodes
+(node -> when it expires, ms of Redis' clock). ARGV: node id, ttl_ms, mode (``all``: replace
+every count; ``some``: set these (0 removes); ``leave``: remove the node), then user, count
+pairs. Refreshes the TTL of the node's hash and its place in the set, and drops expired nodes
+from the set. Returns how many users the node's hash holds."""

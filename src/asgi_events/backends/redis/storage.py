@@ -1,4 +1,5 @@
-"""Reading and writing a user's events in Redis: append (and publish), publish, replay.
+"""Reading and writing a user's events in Redis: append (and publish), publish, latest values,
+replay.
 
 A user's stream ``<prefix>:{<user>}:events`` holds its buffered events, trimmed to the buffer's
 size (``MAXLEN``) and age (``MINID``, by Redis' own clock), expiring ``max_age`` after the last
@@ -10,6 +11,10 @@ The user's meta hash ``<prefix>:{<user>}:meta`` holds the epoch (a random token)
 id, and the newest id trimmed away and why; it outlives the stream by ``meta_ttl``. When Redis
 loses the data (a restart without persistence, a flush), the epoch changes with it, so ids of
 the lost data set are recognised as foreign, never misread.
+
+A user's latest values are a hash ``<prefix>:{<user>}:latest`` (slot -> the text delivered live)
+beside a sorted set ``<prefix>:{<user>}:latest-at`` (slot -> when it was set, by Redis' clock):
+at most ``LATEST_PER_USER`` slots (the least recently updated go), none older than ``max_age``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ... import codec
+from ...latest import LATEST_PER_USER
 from ...protocol import GapReason, ResumePoint, make_id
 from ..base import Published, Replay
 from . import routing, scripts
@@ -48,21 +54,23 @@ class Storage:
         self._client: coredis.Redis[str] | None = None
         self._append: Script[str] | None = None
         self._replay: Script[str] | None = None
+        self._latest: Script[str] | None = None
 
     def attach(self, client: coredis.Redis[str]) -> None:
         """Use ``client`` for every command from now on (until ``detach``)."""
         self._client = client
         self._append = client.register_script(scripts.APPEND)
         self._replay = client.register_script(scripts.REPLAY)
+        self._latest = client.register_script(scripts.PUBLISH_LATEST)
 
     def detach(self) -> None:
-        self._client = self._append = self._replay = None
+        self._client = self._append = self._replay = self._latest = None
 
     def keys(self, user_id: str) -> UserKeys:
         return routing.user_keys(self.prefix, user_id)
 
-    async def append(self, user_id: str, fields: dict[str, Any]) -> None:
-        """Buffer an event and publish it, in one script (which assigns its id)."""
+    async def append(self, user_id: str, fields: dict[str, Any]) -> str:
+        """Buffer an event and publish it, in one script (which assigns its id); its id."""
         timestamp = fields.get("timestamp")
         args: list[str | int] = [
             self.size,
@@ -74,7 +82,17 @@ class Storage:
             routing.header(user_id),
             secrets.token_hex(8),
         ]
-        await _running(self._append)(keys=list(self.keys(user_id)), args=args)
+        keys = self.keys(user_id)
+        reply: Any = await _running(self._append)(keys=[keys.stream, keys.meta], args=args)
+        return make_id(str(reply[0]), str(reply[1]))
+
+    async def publish_latest(self, user_id: str, slot: str, text: str) -> None:
+        """Keep ``text`` as the user's latest value of ``slot`` and publish it (transient), in
+        one script."""
+        keys = self.keys(user_id)
+        args: list[str | int] = [slot, text, self.max_age_ms * 1000, LATEST_PER_USER]
+        args += [self.channel, routing.unbuffered(user_id, text)]
+        await _running(self._latest)(keys=[keys.latest, keys.latest_at], args=args)
 
     async def publish(self, message: str) -> None:
         """Publish a message that is not buffered (see ``routing.unbuffered``)."""
@@ -82,11 +100,14 @@ class Storage:
             raise _not_running()
         await self._client.publish(self.channel, message)
 
-    async def replay(self, user_id: str, resume: ResumePoint | None) -> Replay:
-        """The user's position and what follows ``resume`` (see ``backends.base``)."""
+    async def replay(self, user_id: str, resume: ResumePoint | None, latest: bool) -> Replay:
+        """The user's position, what follows ``resume`` and, with ``latest``, its latest values
+        (see ``backends.base``)."""
         mode, client_epoch, after = "none", "", ORIGIN
         since: datetime | None = None
-        if resume is not None and resume.since is not None:
+        if resume is not None and resume.start:
+            mode = "all"
+        elif resume is not None and resume.since is not None:
             mode, since = "all", resume.since
         elif resume is not None and resume.epoch and parse_stream_id(resume.offset or ""):
             mode, client_epoch, after = "after", resume.epoch, resume.offset or ORIGIN
@@ -94,7 +115,9 @@ class Storage:
             mode = "bad"
         args: list[str | int] = [mode if mode != "bad" else "none", client_epoch, after]
         args += [self.max_age_ms, secrets.token_hex(8), self._meta_ttl_ms]
+        args += ["1" if latest else "0", self.max_age_ms * 1000]
         reply: Any = await _running(self._replay)(keys=list(self.keys(user_id)), args=args)
+        kept = [Published(user_id, str(text)) for text in reply[5] if text is not None]
         epoch, last, trimmed, why = (str(part) for part in reply[:4])
         last_key = parse_stream_id(last) or ORIGIN_KEY
         trimmed_key = parse_stream_id(trimmed) or ORIGIN_KEY
@@ -105,20 +128,23 @@ class Storage:
             for stream_id, body, timestamp in _entries(reply[4])
             if since is None or codec.timestamp_after(timestamp, since)
         ]
+        gap: GapReason | None = None
         if mode == "bad":
-            return Replay([], position, last_key, False, "unknown", oldest)
-        if mode == "after":
+            events, gap = [], "unknown"
+        elif mode == "after":
             after_key = parse_stream_id(after) or ORIGIN_KEY
             if client_epoch != epoch:
-                return Replay(events, position, last_key, False, "epoch", oldest)
-            if after_key > last_key:
-                return Replay([], position, last_key, False, "unknown", oldest)
-            if after_key < trimmed_key:
-                return Replay(events, position, last_key, False, reason, oldest)
+                gap = "epoch"
+            elif after_key > last_key:
+                events, gap = [], "unknown"
+            elif after_key < trimmed_key:
+                gap = reason
         # By time: a trimmed event's stream id carries when it was added (Redis' clock).
-        if since is not None and trimmed_key != ORIGIN_KEY and _added_after(trimmed_key, since):
-            return Replay(events, position, last_key, False, reason, oldest)
-        return Replay(events, position, last_key)
+        elif since is not None and trimmed_key != ORIGIN_KEY and _added_after(trimmed_key, since):
+            gap = reason
+        if gap is None:
+            return Replay(events, position, last_key, latest=kept)
+        return Replay(events, position, last_key, False, gap, oldest, kept)
 
 
 def _entries(reply: Any) -> list[tuple[str, str, str]]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import random
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import anyio
@@ -51,6 +52,30 @@ class Health:
         self.last_error = f"{type(exc).__name__}: {exc}"
 
 
+@contextmanager
+def closing_quietly() -> Iterator[None]:
+    """Around a client's life: errors as it closes are logged (debug) and dropped, and a
+    cancellation goes on bare, out of any exception group."""
+    try:
+        yield
+    except BaseException as exc:
+        # Cancelled at shutdown, coredis may fail to unsubscribe on a connection it already
+        # closed (seen on trio): nothing is left to clean up, so only the cancellation goes on.
+        if not isinstance(exc, BaseExceptionGroup):
+            if isinstance(exc, Exception):
+                logger.debug("the Redis client closed with %s", type(exc).__name__)
+                return
+            raise
+        errors, rest = exc.split(Exception)
+        if errors is not None:
+            logger.debug("the Redis client closed with %s", errors.exceptions)
+        if rest is not None:  # only the cancellation is left: raise it bare, as it came
+            cancelled: BaseException = rest
+            while isinstance(cancelled, BaseExceptionGroup):
+                cancelled = cancelled.exceptions[0]
+            raise cancelled from None
+
+
 class Subscription:
     """Consumes ``channel`` (and the heartbeat channel) until cancelled, resubscribing after
     every loss.
@@ -63,6 +88,7 @@ class Subscription:
     :param heartbeat_timeout: seconds a heartbeat may take to come back.
     :param on_message: called with each message on ``channel``, in order.
     :param lost: called (and awaited) after a subscription that was up is lost.
+    :param subscribed: called each time the subscription is (again) up.
     """
 
     def __init__(
@@ -76,6 +102,7 @@ class Subscription:
         heartbeat_timeout: float,
         on_message: Callable[[str], Awaitable[None]],
         lost: Callable[[], Awaitable[None]],
+        subscribed: Callable[[], None] = lambda: None,
     ) -> None:
         self.health = health
         self.channel = channel
@@ -88,6 +115,7 @@ class Subscription:
         """Heartbeats sent so far; the newest one's number is the message awaited back."""
         self._on_message = on_message
         self._lost = lost
+        self._subscribed = subscribed
         self._beat_back = anyio.Event()  # set when the newest heartbeat came back
         self._last_seen = 0.0  # when a message last came on the subscription (anyio's clock)
         self._beat_failure: str | None = None  # why the current subscription was given up
@@ -112,6 +140,7 @@ class Subscription:
                     channels=channels, ignore_subscribe_messages=True, retry_policy=None
                 ) as pubsub:
                     health.healthy, delay = True, 0.1
+                    self._subscribed()
                     if not started:
                         started = True
                         task_status.started()
