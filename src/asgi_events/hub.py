@@ -221,7 +221,8 @@ class EventHub:
     ) -> None:
         """Close every connection of ``user_id`` on every node with ``code`` and ``reason``
         (logout, ban, password change): clients treat 4003 as final and do not reconnect.
-        Connections of the user being admitted right now are closed too. Revoke the user's
+        Connections of the user being admitted right now are closed too. This node's are
+        closing when it returns; other nodes' as soon as the backend reaches them. Revoke the user's
         credentials first, or it may simply connect again.
 
         :raises ValueError: ``code`` is not 1000, 1008 or 4000-4999, or ``reason`` is longer
@@ -229,6 +230,9 @@ class EventHub:
         :raises BackendUnavailableError: the backend could not take it.
         """
         close = protocol.disconnect_close(code, reason)
+        # This node's sockets at once (a shared backend reaches them again: a no-op), and
+        # those of every node through the backend.
+        await self.streams.disconnect(user_id, close.code, close.reason)
         await self._backend.disconnect(user_id, close.code, close.reason)
 
     async def presence(self, user_id: str) -> int:
