@@ -39,7 +39,6 @@ On asyncio and trio (anyio, httpx-ws). Design:
 from __future__ import annotations
 
 import inspect
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -48,7 +47,6 @@ from typing import Any, Literal
 import anyio
 import anyio.abc
 import anyio.to_thread
-import httpcore
 import httpx
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from httpx_ws import (
@@ -61,7 +59,19 @@ from httpx_ws import (
 )
 
 from . import codec
-from .protocol import BATCH_SUBPROTOCOL, PING, READY, SUBPROTOCOL, Action, client_action
+from .client_policy import (
+    AuthenticationError,
+    End,
+    EventsClientError,
+    RejectedError,
+    RetriesExhaustedError,
+    TokenExpiredError,
+    backoff_delay,
+    classify,
+    refused,
+    transient,
+)
+from .protocol import BATCH_SUBPROTOCOL, PING, READY, SUBPROTOCOL
 
 __all__ = (
     "AuthenticationError",
@@ -78,41 +88,6 @@ __all__ = (
 TokenRefresher = Callable[[], str | Awaitable[str]]
 """``() -> token``, sync (run in a worker thread) or async."""
 
-_TRANSIENT: tuple[type[Exception], ...] = (
-    OSError,  # TimeoutError included
-    httpx.TransportError,
-    httpcore.NetworkError,
-    HTTPXWSException,
-    anyio.BrokenResourceError,
-    anyio.ClosedResourceError,
-    anyio.EndOfStream,
-)
-
-
-class EventsClientError(Exception):
-    """Why the client stopped: the close ``code`` (None for an HTTP refusal) and ``reason``."""
-
-    def __init__(self, code: int | None, reason: str) -> None:
-        super().__init__(f"{code}: {reason}" if code is not None else reason)
-        self.code = code
-        self.reason = reason
-
-
-class AuthenticationError(EventsClientError):
-    """The token was refused (1008 "Authentication failed", HTTP 401) or expired (4001)."""
-
-
-class TokenExpiredError(AuthenticationError):
-    """The token expired (4001) and no ``token_refresher`` could replace it."""
-
-
-class RejectedError(EventsClientError):
-    """The server closed the socket with a code not worth retrying as is (see the module doc)."""
-
-
-class RetriesExhaustedError(EventsClientError):
-    """``max_attempts`` reconnections in a row failed; ``code``/``reason`` are the last one's."""
-
 
 @dataclass(frozen=True, slots=True)
 class Gap:
@@ -128,49 +103,6 @@ class Gap:
 
 Item = dict[str, Any] | Gap
 """What the iteration yields: an event (a dict) or a ``Gap``."""
-
-
-def backoff_delay(
-    attempt: int, initial: float, maximum: float, rng: random.Random | None = None
-) -> float:
-    """Exponential backoff, full jitter: uniform in ``[0, min(maximum, initial * 2**attempt)]``."""
-    cap = min(maximum, initial * 2.0 ** min(attempt, 64))
-    return (rng or _RNG).uniform(0.0, cap)
-
-
-_RNG = random.Random()
-
-
-_Kind = Literal["done", "retry", "auth", "fatal"]
-
-
-@dataclass(frozen=True, slots=True)
-class _End:
-    """How one connection ended."""
-
-    kind: _Kind
-    code: int | None
-    reason: str
-
-
-_KINDS: dict[Action, _Kind] = {
-    Action.DONE: "done",
-    Action.RETRY: "retry",
-    Action.REFRESH: "auth",
-    Action.GIVE_UP: "fatal",
-}
-
-
-def _classify(code: int, reason: str) -> _End:
-    """How a close ends a connection: the close table's action (``protocol.CLOSES``)."""
-    return _End(_KINDS[client_action(code, reason)], code, reason)
-
-
-def _transient(exc: BaseException) -> bool:
-    group = getattr(exc, "exceptions", None)  # an exception group (no builtin name on 3.10)
-    if isinstance(group, tuple) and group:
-        return all(_transient(inner) for inner in group)
-    return isinstance(exc, _TRANSIENT)
 
 
 class EventsClient:
@@ -313,7 +245,7 @@ class EventsClient:
             raise TypeError(f"token_refresher must return a non-empty str, not {token!r}")
         return token
 
-    async def _connect(self) -> _End:
+    async def _connect(self) -> End:
         url, headers = self._url, dict[str, str]()
         if self._position is not None:
             url = url.copy_set_param("lastEventId", self._position)
@@ -334,19 +266,15 @@ class EventsClient:
             ) as ws:
                 end = await self._read(ws)
         except WebSocketUpgradeError as exc:
-            status = exc.response.status_code
-            kind: _Kind = "auth" if status == 401 else "fatal"
-            if status in (408, 429) or status >= 500:
-                kind = "retry"
-            return _End(kind, None, f"HTTP {status}")
+            return refused(exc.response.status_code)
         except Exception as exc:
-            if end is None and not _transient(exc):
+            if end is None and not transient(exc):
                 raise
-            end = end or _End("retry", 1006, f"{type(exc).__name__}: {exc}")
+            end = end or End("retry", 1006, f"{type(exc).__name__}: {exc}")
         assert end is not None
         return end
 
-    async def _read(self, ws: AsyncWebSocketSession) -> _End:
+    async def _read(self, ws: AsyncWebSocketSession) -> End:
         self._batch = ws.subprotocol == BATCH_SUBPROTOCOL
         self._control = self._batch or ws.subprotocol == SUBPROTOCOL
         interval = self._ping_interval
@@ -362,9 +290,9 @@ class EventsClient:
                     self._healthy |= not self._control
                     await self._frame(text)
             except WebSocketDisconnect as exc:
-                end = _classify(exc.code, exc.reason)
+                end = classify(exc.code, exc.reason)
             except (HTTPXWSException, TimeoutError) as exc:
-                end = _End("retry", 1006, type(exc).__name__)
+                end = End("retry", 1006, type(exc).__name__)
             tg.cancel_scope.cancel()
         return end
 
