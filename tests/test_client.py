@@ -16,7 +16,7 @@ import httpx
 import pytest
 from hypercorn.config import Config
 
-from asgi_events import EventHub, EventsMiddleware, Principal
+from asgi_events import ConnectionInfo, EventHub, EventsMiddleware, Principal
 from asgi_events.client import (
     AuthenticationError,
     EventsClient,
@@ -29,7 +29,16 @@ from asgi_events.client import (
 )
 from asgi_events.types import Message, Receive, Scope, Send
 
-from .support.server import TIMEOUT, ServeFn, Server, http_app, run_server, signal_startup, users
+from .support.server import (
+    QUIET,
+    TIMEOUT,
+    ServeFn,
+    Server,
+    http_app,
+    run_server,
+    signal_startup,
+    users,
+)
 
 FAST: dict[str, Any] = {"initial_delay": 0.02, "max_delay": 0.1, "ping_interval": None}
 PAD = "x" * 32768
@@ -262,6 +271,41 @@ async def test_resumes_by_id_drops_duplicates_and_stops_on_1000(serve: ServeFn) 
     assert "asgi-events.v1" in first["subprotocols"]
     assert b"lastEventId" not in first["query_string"]
     assert second["query_string"] == b"lastEventId=ep.2"
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "error"),
+    [
+        (4003, "Disconnected", None),  # hub.disconnect's default: a logout
+        (1000, "", None),
+        (1008, "Disconnected", RejectedError),
+        (4400, "Banned", RejectedError),
+    ],
+)
+async def test_hub_disconnect_stops_the_client_for_good_with_its_code(
+    serve: ServeFn, code: int, reason: str, error: type[Exception] | None
+) -> None:
+    connections: list[ConnectionInfo] = []
+    hub = EventHub(users, on_connect=connections.append)
+    server = await serve(hub=hub)
+    async with EventsClient(server.ws_url(), token="tok-alice", **FAST) as client:
+        await until(lambda: len(connections) == 1)
+        await hub.broadcast("alice", {"type": "T", "payload": 1})
+        assert payloads(await take(client)) == [1]
+        await hub.disconnect("alice", code=code, reason=reason)
+        if error is None:
+            with anyio.fail_after(TIMEOUT):
+                rest = [item async for item in client]  # the iteration ends
+            assert rest == []
+        else:
+            with pytest.raises(error) as info:
+                await take(client)
+            assert (info.value.code, info.value.reason) == (code, reason)
+        assert (client.close_code, client.close_reason) == (code, reason)
+        await anyio.sleep(QUIET)  # time enough for a reconnection (backoff <= 0.1 s): none
+        assert len(connections) == 1 and await hub.presence("alice") == 0
+    stats = hub.stats()
+    assert stats["disconnects"] == 1 and stats["reconnection_count"] == 0
 
 
 @pytest.mark.parametrize(

@@ -23,14 +23,17 @@ On asyncio and trio (anyio, httpx-ws). Design:
 - **Gaps are items, not exceptions**: on ``recovered: false`` the iterator yields a ``Gap``
   where the ready message was (after what the server could still replay, before live
   events), and goes on. Refetch your state.
-- **Close codes**: 1000 ends the iteration (the server is done with this client). 1001, 1005,
+- **Close codes**: 1000 and 4003 "Disconnected" (``hub.disconnect``: say a logout) end the
+  iteration: the server is done with this client, which does not reconnect
+  (``client.close_code`` says which). 1001, 1005,
   1006, 1011, 1012, 1013, 1014, 4002, network errors and HTTP 408/429/5xx: reconnect with
   exponential backoff and full jitter (the count restarts once a connection gets its ready
   message). 1008 "Authentication failed", 4001 and HTTP 401: call ``token_refresher`` and
   reconnect at once; without one, or if the fresh token is refused too, raise
   ``AuthenticationError`` (``TokenExpiredError`` for 4001). Any other code (1008 "Too many
-  connections" or "Rate limit exceeded", 1009, other 4xxx) or HTTP status raises
-  ``RejectedError``; ``max_attempts`` failed reconnections in a row raise
+  connections" or "Rate limit exceeded", 1009, other 4xxx, a ``hub.disconnect`` with a code
+  or a 1008 reason of its own) or HTTP status raises ``RejectedError``, and the client does
+  not reconnect either; ``max_attempts`` failed reconnections in a row raise
   ``RetriesExhaustedError``. The iteration raises them, unwrapped.
 - **Keepalive**: text ``ping`` every ``ping_interval`` seconds (``pong`` is dropped); a socket
   on which nothing arrives for twice that long is taken as dead and replaced.
@@ -151,6 +154,7 @@ class EventsClient:
         self._http, self._own_http = http_client, http_client is None
         self._healthy = self._control = self._batch = False
         self._error: Exception | None = None
+        self._close: tuple[int | None, str] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._send: MemoryObjectSendStream[Item]
         self._receive: MemoryObjectReceiveStream[Item]
@@ -160,6 +164,18 @@ class EventsClient:
         """The id up to which the consumer is current (resume from it), if any yet."""
         return self._position
 
+    @property
+    def close_code(self) -> int | None:
+        """The close code that stopped the client: 1000 or 4003 when the iteration ended (the
+        server is done with it), else that of the ``EventsClientError`` the iteration raised
+        (None for an HTTP refusal, as there); None while it runs."""
+        return None if self._close is None else self._close[0]
+
+    @property
+    def close_reason(self) -> str | None:
+        """The reason that goes with ``close_code`` (``"Disconnected"`` for 4003)."""
+        return None if self._close is None else self._close[1]
+
     async def __aenter__(self) -> EventsClient:
         """Start connecting in the background; iterate to receive."""
         if self._tg is not None:
@@ -167,7 +183,7 @@ class EventsClient:
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=30.0)
         self._send, self._receive = anyio.create_memory_object_stream[Item](0)
-        self._error = None
+        self._error = self._close = None
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._main)
@@ -206,20 +222,24 @@ class EventsClient:
 
     async def _main(self) -> None:
         try:
-            await self._run()
-        except Exception as exc:  # handed to the consumer by __anext__
+            end = await self._run()
+            self._close = (end.code, end.reason)
+        except EventsClientError as exc:  # handed to the consumer by __anext__
+            self._error, self._close = exc, (exc.code, exc.reason)
+        except Exception as exc:
             self._error = exc
         finally:
             self._send.close()
 
-    async def _run(self) -> None:
+    async def _run(self) -> End:
+        """Connect until the server is done with the client (that close); or raise why not."""
         failures, refreshed = 0, False
         while True:
             end = await self._connect()
             if self._healthy:
                 failures, refreshed = 0, False
             if end.kind == "done":
-                return
+                return end
             if end.kind == "auth":
                 if self._refresher is None or refreshed:
                     error = TokenExpiredError if end.code == 4001 else AuthenticationError

@@ -91,7 +91,12 @@ _KINDS: dict[Action, Kind] = {
 
 
 def classify(code: int, reason: str) -> End:
-    """How a close ends a connection: the close table's action (``protocol.CLOSES``)."""
+    """How a close ends a connection: the close table's action (``protocol.CLOSES``).
+
+    Final (no reconnection): 1000 and 4003 (``done``: the server is done with this client,
+    ``hub.disconnect``'s default), and every code the table neither retries nor refreshes
+    (``fatal``): a ``hub.disconnect`` with a code in 4000-4999 or a 1008 reason of its own.
+    """
     return End(_KINDS[client_action(code, reason)], code, reason)
 
 
