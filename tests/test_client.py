@@ -273,6 +273,44 @@ async def test_resumes_by_id_drops_duplicates_and_stops_on_1000(serve: ServeFn) 
     assert second["query_string"] == b"lastEventId=ep.2"
 
 
+def progress_of(items: list[Item]) -> list[tuple[str, int, bool]]:
+    """(jobId, percent, latest) of each JOB_PROGRESS item; none of them has an id."""
+    found = []
+    for item in items:
+        assert isinstance(item, dict) and item["type"] == "JOB_PROGRESS" and "id" not in item
+        found.append((item["payload"]["jobId"], item["payload"]["percent"], "latest" in item))
+        assert item.get("latest", True) is True  # when there, it is true
+    return found
+
+
+async def test_latest_values_are_yielded_and_never_move_the_position(serve: ServeFn) -> None:
+    hub = EventHub(users, latest_types={"JOB_PROGRESS": "payload.jobId"})
+    server = await serve(hub=hub)
+    first = await hub.broadcast("alice", {"type": "T", "payload": 0})
+    for job, percent in (("a", 10), ("b", 5), ("a", 20)):  # a's 20 replaces its 10
+        progress = {"type": "JOB_PROGRESS", "payload": {"jobId": job, "percent": percent}}
+        assert await hub.broadcast("alice", progress) is None
+    options: dict[str, Any] = {**FAST, "last_event_id": first}
+    async with EventsClient(server.ws_url(), token="tok-alice", **options) as client:
+        # After the (empty) replay, before the ready message: the latest value of each job.
+        assert progress_of(await take(client, 2)) == [("b", 5, True), ("a", 20, True)]
+        assert client.position == first
+        live = {"type": "JOB_PROGRESS", "payload": {"jobId": "a", "percent": 30}}
+        await hub.broadcast("alice", live)
+        assert progress_of(await take(client)) == [("a", 30, False)]
+        assert client.position == first
+        second = await hub.broadcast("alice", {"type": "T", "payload": 1})
+        [event] = await take(client)
+        assert isinstance(event, dict) and event["id"] == second == client.position
+
+        await hub.streams.lost()  # closes the socket with 1012: the client resumes by id
+        assert progress_of(await take(client, 2)) == [("b", 5, True), ("a", 30, True)]
+        assert client.position == second
+        await hub.broadcast("alice", {"type": "T", "payload": 2})
+        assert payloads(await take(client)) == [2]  # and nothing replayed twice before it
+    assert hub.stats()["reconnection_count"] == 2  # both connections resumed by id
+
+
 @pytest.mark.parametrize(
     ("code", "reason", "error"),
     [

@@ -18,8 +18,10 @@ On asyncio and trio (anyio, httpx-ws). Design:
 - **Position**: the ``position`` of each ``asgi_events.ready`` and the ``id`` of each event
   the consumer took (``client.position``: store it, pass it back as ``last_event_id`` in a
   later process). Each reconnection sends it as ``lastEventId``. The ids of the last
-  ``dedupe_window`` events are never yielded again; events without an id (transient ones)
-  are yielded as they come, in the server's order.
+  ``dedupe_window`` events are never yielded again; events without an id are yielded as they
+  come, in the server's order, and never move the position: transient ones, and latest
+  values (``"latest": true``: the newest value of each key of the hub's ``latest_types``,
+  sent again on each connection after its replay, so a value may come more than once).
 - **Gaps are items, not exceptions**: on ``recovered: false`` the iterator yields a ``Gap``
   where the ready message was (after what the server could still replay, before live
   events), and goes on. Refetch your state.
@@ -105,7 +107,8 @@ class Gap:
 
 
 Item = dict[str, Any] | Gap
-"""What the iteration yields: an event (a dict) or a ``Gap``."""
+"""What the iteration yields: an event (a dict; with ``"latest": true`` for a latest value) or a
+``Gap``."""
 
 
 class EventsClient:
