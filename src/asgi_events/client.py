@@ -37,6 +37,8 @@ On asyncio and trio (anyio, httpx-ws). Design:
   or a 1008 reason of its own) or HTTP status raises ``RejectedError``, and the client does
   not reconnect either; ``max_attempts`` failed reconnections in a row raise
   ``RetriesExhaustedError``. The iteration raises them, unwrapped.
+- **History**: where the server mounts ``history_app``, ``await client.history(after, limit)``
+  reads the user's buffered events over HTTP (``history_url``; ``client_history.py``).
 - **Keepalive**: text ``ping`` every ``ping_interval`` seconds (``pong`` is dropped); a socket
   on which nothing arrives for twice that long is taken as dead and replaced.
 """
@@ -64,6 +66,7 @@ from httpx_ws import (
 )
 
 from . import codec
+from .client_history import HistoryPage, fetch_history
 from .client_policy import (
     AuthenticationError,
     End,
@@ -83,6 +86,7 @@ __all__ = (
     "EventsClient",
     "EventsClientError",
     "Gap",
+    "HistoryPage",
     "Item",
     "RejectedError",
     "RetriesExhaustedError",
@@ -111,6 +115,11 @@ Item = dict[str, Any] | Gap
 ``Gap``."""
 
 
+def _http_url(url: str) -> httpx.URL:
+    scheme, sep, rest = url.partition("://")
+    return httpx.URL({"ws": "http", "wss": "https"}.get(scheme, scheme) + sep + rest)
+
+
 class EventsClient:
     """Receive one user's events from an asgi-events server, resuming across reconnections.
 
@@ -129,6 +138,8 @@ class EventsClient:
     :param dedupe_window: how many recent event ids are remembered to drop duplicates.
     :param http_client: an ``httpx.AsyncClient`` to connect with (TLS, proxies, headers);
         by default one of the client's own.
+    :param history_url: where the server mounts ``history_app``, for ``history()``: absolute,
+        or relative to ``url`` (``"/events/history"``).
     """
 
     def __init__(
@@ -145,9 +156,10 @@ class EventsClient:
         ping_interval: float | None = 20.0,
         dedupe_window: int = 1024,
         http_client: httpx.AsyncClient | None = None,
+        history_url: str | None = None,
     ) -> None:
-        scheme, sep, rest = url.partition("://")
-        self._url = httpx.URL({"ws": "http", "wss": "https"}.get(scheme, scheme) + sep + rest)
+        self._url = _http_url(url)
+        self._history_url = None if history_url is None else self._url.join(_http_url(history_url))
         self._token, self._token_in, self._refresher = token, token_in, token_refresher
         self._position = last_event_id
         self._delays = (initial_delay, max_delay)
@@ -178,6 +190,39 @@ class EventsClient:
     def close_reason(self) -> str | None:
         """The reason that goes with ``close_code`` (``"Disconnected"`` for 4003)."""
         return None if self._close is None else self._close[1]
+
+    async def history(self, after: str | None = None, limit: int | None = None) -> HistoryPage:
+        """The user's buffered events after the id ``after`` (all of them if None), oldest
+        first, at most ``limit`` of them, from the server's ``history_app`` at ``history_url``
+        (say to refetch state after a ``Gap``, or to page through what a socket would replay).
+
+        One ``GET`` with the token as ``Authorization: Bearer`` (whatever ``token_in``); on
+        HTTP 401, ``token_refresher`` (if any) gives a fresh token for one more try. It needs
+        no connection: it may be called outside the ``async with`` block too. The client's
+        ``position`` and dedupe are left as they are.
+
+        :raises RuntimeError: the client has no ``history_url``.
+        :raises AuthenticationError: the token was refused (``status`` 401).
+        :raises EventsClientError: any other HTTP error (``status``: 400 for a bad ``limit``,
+            503 if the server's backend is unavailable), or a network error (``status`` None).
+        """
+        if self._history_url is None:
+            raise RuntimeError("pass EventsClient(history_url=...): where history_app is mounted")
+        if self._http is not None:
+            return await self._history(self._http, self._history_url, after, limit)
+        async with httpx.AsyncClient(timeout=30.0) as http:  # outside the async with block
+            return await self._history(http, self._history_url, after, limit)
+
+    async def _history(
+        self, http: httpx.AsyncClient, url: httpx.URL, after: str | None, limit: int | None
+    ) -> HistoryPage:
+        try:
+            return await fetch_history(http, url, self._token, after, limit)
+        except AuthenticationError:
+            if self._refresher is None:
+                raise
+        self._token = await self._refresh(self._refresher)
+        return await fetch_history(http, url, self._token, after, limit)
 
     async def __aenter__(self) -> EventsClient:
         """Start connecting in the background; iterate to receive."""
@@ -246,13 +291,13 @@ class EventsClient:
             if end.kind == "auth":
                 if self._refresher is None or refreshed:
                     error = TokenExpiredError if end.code == 4001 else AuthenticationError
-                    raise error(end.code, end.reason)
+                    raise error(end.code, end.reason, status=end.status)
                 self._token, refreshed = await self._refresh(self._refresher), True
                 continue
             if end.kind == "fatal":
-                raise RejectedError(end.code, end.reason)
+                raise RejectedError(end.code, end.reason, status=end.status)
             if self._max_attempts is not None and failures >= self._max_attempts:
-                raise RetriesExhaustedError(end.code, end.reason)
+                raise RetriesExhaustedError(end.code, end.reason, status=end.status)
             await anyio.sleep(backoff_delay(failures, *self._delays))
             failures += 1
 

@@ -34,12 +34,15 @@ __all__ = (
 
 
 class EventsClientError(Exception):
-    """Why the client stopped: the close ``code`` (None for an HTTP refusal) and ``reason``."""
+    """Why the client stopped: the close ``code`` (None for an HTTP refusal) and ``reason``;
+    for an HTTP refusal (of the socket's handshake, or of a ``history`` request) its ``status``.
+    """
 
-    def __init__(self, code: int | None, reason: str) -> None:
+    def __init__(self, code: int | None, reason: str, *, status: int | None = None) -> None:
         super().__init__(f"{code}: {reason}" if code is not None else reason)
         self.code = code
         self.reason = reason
+        self.status = status
 
 
 class AuthenticationError(EventsClientError):
@@ -75,11 +78,13 @@ Kind = Literal["done", "retry", "auth", "fatal"]
 
 @dataclass(frozen=True, slots=True)
 class End:
-    """How one connection ended: its kind, the close code (None for an HTTP refusal), reason."""
+    """How one connection ended: its kind, the close code (None for an HTTP refusal), reason,
+    and the HTTP status of a refusal in the handshake."""
 
     kind: Kind
     code: int | None
     reason: str
+    status: int | None = None
 
 
 _KINDS: dict[Action, Kind] = {
@@ -106,7 +111,7 @@ def refused(status: int) -> End:
     kind: Kind = "auth" if status == 401 else "fatal"
     if status in (408, 429) or status >= 500:
         kind = "retry"
-    return End(kind, None, f"HTTP {status}")
+    return End(kind, None, f"HTTP {status}", status)
 
 
 TRANSIENT: tuple[type[Exception], ...] = (
