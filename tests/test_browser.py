@@ -204,7 +204,7 @@ async def test_the_demo_shows_live_jobs_and_missed_events_exactly_once(
             job = {"jobId": f"e2e-{n}"}
             missed += [("JOB_STARTED", job["jobId"]), ("JOB_COMPLETED", job["jobId"])]
             await demo.hub.broadcast("alice", {"type": "JOB_STARTED", "payload": job})
-            progress = {**job, "percent": 50}  # transient: live only, never replayed
+            progress = {**job, "percent": 50}  # live only; kept as the job's latest value
             await demo.hub.broadcast("alice", {"type": "JOB_PROGRESS", "payload": progress})
             await demo.hub.broadcast("alice", {"type": "JOB_COMPLETED", "payload": job})
         readies = await restore(tab, 2)
@@ -218,9 +218,10 @@ async def test_the_demo_shows_live_jobs_and_missed_events_exactly_once(
         assert [(e["type"], e["job"]) for e in ours] == missed
         assert all(e["replayed"] for e in ours)
         assert await tab.js("document.querySelectorAll('.gap, .stale').length") == 0
-        for n in (1, 2, 3):
+        for n in (1, 2, 3):  # their latest progress (50), sent after the replay, left them be
             card = f"document.getElementById('job-e2e-{n}')"
             assert await tab.js(f"{card}.classList.contains('JOB_COMPLETED')")
+            assert await tab.js(f"{card}.dataset.percent") == "100"
 
         # Live again, on the restored socket.
         await demo.hub.broadcast("alice", {"type": "JOB_STARTED", "payload": {"jobId": "e2e-live"}})
@@ -229,6 +230,31 @@ async def test_the_demo_shows_live_jobs_and_missed_events_exactly_once(
         )
         assert [e["replayed"] for e in live] == [False]
         await tab.screenshot(f"demo-resumed-{server.port}.png")
+
+
+async def test_the_demo_shows_a_job_s_current_progress_after_a_reconnect(
+    serve: ServeFn, browser: str
+) -> None:
+    server = await serve(demo.app)
+    card = "document.getElementById('job-mid-1')"
+    job = {"jobId": "mid-1"}
+    async with open_tab(browser, f"{server.url}/?user=carol") as tab:
+        await tab.wait_for(f"({READIES}).length === 1", "the first ready message")
+        await demo.hub.broadcast("carol", {"type": "JOB_STARTED", "payload": job})
+        await demo.hub.broadcast(
+            "carol", {"type": "JOB_PROGRESS", "payload": {**job, "percent": 20}}
+        )
+        await tab.wait_for(f"{card}?.dataset.percent === '20'", "the live progress")
+        await cut(tab)
+        await demo.hub.broadcast(
+            "carol", {"type": "JOB_PROGRESS", "payload": {**job, "percent": 60}}
+        )
+        await restore(tab, 2)  # returns once the ready message is shown: after the latest values
+        assert await tab.js(f"{card}.dataset.percent") == "60"
+        assert await tab.js(f"{card}.dataset.latest") == "true"
+        assert await tab.js(f"{card}.querySelector('.state').textContent") == "running 60%"
+        assert await tab.js(f"{card}.querySelector('.bar > div').style.width") == "60%"
+        await tab.screenshot(f"demo-latest-{server.port}.png")
 
 
 async def test_the_demo_marks_an_incomplete_replay(serve: ServeFn, browser: str) -> None:
