@@ -473,6 +473,12 @@ async def test_history_errors_carry_the_http_status(serve: ServeFn) -> None:
     assert missing.value.status == 200 and missing.value.reason == "HTTP 200: not a history"
     with pytest.raises(RuntimeError, match="history_url"):
         await EventsClient(server.ws_url(), token="tok-alice").history()
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{sock.getsockname()[1]}/history"
+    with pytest.raises(EventsClientError) as unreachable:
+        await EventsClient(server.ws_url(), token="tok-alice", history_url=down).history()
+    assert unreachable.value.status is None and "ConnectError" in unreachable.value.reason
     assert len(fresh) == 1  # one refresh, kept: the 400 was asked with the fresh token
 
 

@@ -27,16 +27,16 @@ On asyncio and trio (anyio, httpx-ws). Design:
   events), and goes on. Refetch your state.
 - **Close codes**: 1000 and 4003 "Disconnected" (``hub.disconnect``: say a logout) end the
   iteration: the server is done with this client, which does not reconnect
-  (``client.close_code`` says which). 1001, 1005,
-  1006, 1011, 1012, 1013, 1014, 4002, network errors and HTTP 408/429/5xx: reconnect with
-  exponential backoff and full jitter (the count restarts once a connection gets its ready
-  message). 1008 "Authentication failed", 4001 and HTTP 401: call ``token_refresher`` and
-  reconnect at once; without one, or if the fresh token is refused too, raise
-  ``AuthenticationError`` (``TokenExpiredError`` for 4001). Any other code (1008 "Too many
-  connections" or "Rate limit exceeded", 1009, other 4xxx, a ``hub.disconnect`` with a code
-  or a 1008 reason of its own) or HTTP status raises ``RejectedError``, and the client does
-  not reconnect either; ``max_attempts`` failed reconnections in a row raise
-  ``RetriesExhaustedError``. The iteration raises them, unwrapped.
+  (``client.close_code`` says which). 1001, 1005, 1006, 1011, 1012, 1013, 1014, 4002,
+  network errors and HTTP 408/429/5xx: reconnect with exponential backoff and full jitter
+  (the count restarts once a connection gets its ready message). 1008 "Authentication
+  failed", 4001 and HTTP 401: call ``token_refresher`` and reconnect at once; without one, or
+  if the fresh token is refused too, raise ``AuthenticationError`` (``TokenExpiredError`` for
+  4001). Any other code (1008 "Too many connections" or "Rate limit exceeded", 1009, other
+  4xxx, a ``hub.disconnect`` with a code or a 1008 reason of its own) or HTTP status raises
+  ``RejectedError``, and the client does not reconnect either; ``max_attempts`` failed
+  reconnections in a row raise ``RetriesExhaustedError``. The iteration raises them,
+  unwrapped.
 - **History**: where the server mounts ``history_app``, ``await client.history(after, limit)``
   reads the user's buffered events over HTTP (``history_url``; ``client_history.py``).
 - **Keepalive**: text ``ping`` every ``ping_interval`` seconds (``pong`` is dropped); a socket
