@@ -8,7 +8,9 @@ The page (demo.html) uses the browser client the middleware serves at /ws/client
 each job go JOB_STARTED -> progress -> JOB_COMPLETED/JOB_FAILED, its Disconnect/Reconnect
 button cuts and restores the socket, and the events missed meanwhile arrive marked "replayed",
 with a marker when the replay was incomplete. Its first connection asks for the last 15 s of
-events (lastEventTs), so that the job in progress shows at once.
+events (lastEventTs), so that the job in progress shows at once. JOB_PROGRESS is a latest-value
+type: live only, but the hub keeps each job's newest progress, and every connection gets it
+after its replay ("latest": true), so a page that reconnects mid-job shows where it is at once.
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ def verify_token(token: str) -> str | None:
     return user if user in USERS else None
 
 
-hub = EventHub(verify_token, backend=backend_from_env())
+hub = EventHub(
+    verify_token,
+    backend=backend_from_env(),
+    latest_types={"JOB_PROGRESS": "payload.jobId"},  # progress is {"jobId", "percent"}
+)
 
 
 async def run_jobs(user: str, pace: float = 0.6) -> None:

@@ -86,6 +86,8 @@ def test_the_core_knows_no_transport_and_no_asgi_message(core: str) -> None:
 
 def test_the_client_pulls_in_no_server_module() -> None:
     assert reaches("asgi_events.client") <= {
+        "asgi_events.client_policy",  # the client's own (its errors, close policy, backoff)
+        "asgi_events.client_history",  # the client's own (EventsClient.history over HTTP)
         "asgi_events.protocol",
         "asgi_events.codec",
         "asgi_events.errors",

@@ -27,7 +27,7 @@ import httpx
 import pytest
 from httpx_ws import AsyncWebSocketSession, aconnect_ws
 
-from asgi_events import EventHub, EventsMiddleware
+from asgi_events import ConnectionInfo, EventHub, EventsMiddleware
 from asgi_events.types import Receive, Scope, Send
 from examples import demo
 
@@ -204,7 +204,7 @@ async def test_the_demo_shows_live_jobs_and_missed_events_exactly_once(
             job = {"jobId": f"e2e-{n}"}
             missed += [("JOB_STARTED", job["jobId"]), ("JOB_COMPLETED", job["jobId"])]
             await demo.hub.broadcast("alice", {"type": "JOB_STARTED", "payload": job})
-            progress = {**job, "percent": 50}  # transient: live only, never replayed
+            progress = {**job, "percent": 50}  # live only; kept as the job's latest value
             await demo.hub.broadcast("alice", {"type": "JOB_PROGRESS", "payload": progress})
             await demo.hub.broadcast("alice", {"type": "JOB_COMPLETED", "payload": job})
         readies = await restore(tab, 2)
@@ -218,9 +218,10 @@ async def test_the_demo_shows_live_jobs_and_missed_events_exactly_once(
         assert [(e["type"], e["job"]) for e in ours] == missed
         assert all(e["replayed"] for e in ours)
         assert await tab.js("document.querySelectorAll('.gap, .stale').length") == 0
-        for n in (1, 2, 3):
+        for n in (1, 2, 3):  # their latest progress (50), sent after the replay, left them be
             card = f"document.getElementById('job-e2e-{n}')"
             assert await tab.js(f"{card}.classList.contains('JOB_COMPLETED')")
+            assert await tab.js(f"{card}.dataset.percent") == "100"
 
         # Live again, on the restored socket.
         await demo.hub.broadcast("alice", {"type": "JOB_STARTED", "payload": {"jobId": "e2e-live"}})
@@ -229,6 +230,31 @@ async def test_the_demo_shows_live_jobs_and_missed_events_exactly_once(
         )
         assert [e["replayed"] for e in live] == [False]
         await tab.screenshot(f"demo-resumed-{server.port}.png")
+
+
+async def test_the_demo_shows_a_job_s_current_progress_after_a_reconnect(
+    serve: ServeFn, browser: str
+) -> None:
+    server = await serve(demo.app)
+    card = "document.getElementById('job-mid-1')"
+    job = {"jobId": "mid-1"}
+    async with open_tab(browser, f"{server.url}/?user=carol") as tab:
+        await tab.wait_for(f"({READIES}).length === 1", "the first ready message")
+        await demo.hub.broadcast("carol", {"type": "JOB_STARTED", "payload": job})
+        await demo.hub.broadcast(
+            "carol", {"type": "JOB_PROGRESS", "payload": {**job, "percent": 20}}
+        )
+        await tab.wait_for(f"{card}?.dataset.percent === '20'", "the live progress")
+        await cut(tab)
+        await demo.hub.broadcast(
+            "carol", {"type": "JOB_PROGRESS", "payload": {**job, "percent": 60}}
+        )
+        await restore(tab, 2)  # returns once the ready message is shown: after the latest values
+        assert await tab.js(f"{card}.dataset.percent") == "60"
+        assert await tab.js(f"{card}.dataset.latest") == "true"
+        assert await tab.js(f"{card}.querySelector('.state').textContent") == "running 60%"
+        assert await tab.js(f"{card}.querySelector('.bar > div').style.width") == "60%"
+        await tab.screenshot(f"demo-latest-{server.port}.png")
 
 
 async def test_the_demo_marks_an_incomplete_replay(serve: ServeFn, browser: str) -> None:
@@ -255,16 +281,17 @@ async def test_the_demo_marks_an_incomplete_replay(serve: ServeFn, browser: str)
 
 
 # A bare page for the client itself: its options from the query, what it reports kept in
-# window.seen (payload, replayed), window.readies and window.statuses ([status, code]).
+# window.seen (payload, replayed), window.events (each event as given), window.readies and
+# window.statuses ([status, code]).
 CLIENT_PAGE = b"""<!doctype html><script type="module">
 import { connect } from "/ws/client.js";
 const q = new URLSearchParams(location.search);
-Object.assign(window, { seen: [], readies: [], statuses: [] });
+Object.assign(window, { seen: [], events: [], readies: [], statuses: [] });
 window.client = connect({
   token: q.get("token"), tokenIn: q.get("in") || undefined, ping: Number(q.get("ping") || 0),
   backoff: { initial: 100, max: 400 },
   refreshToken: q.get("fresh") ? async () => q.get("fresh") : undefined,
-  onEvent: (event, { replayed }) => seen.push([event.payload, replayed]),
+  onEvent: (event, { replayed }) => { seen.push([event.payload, replayed]); events.push(event); },
   onReady: (ready) => readies.push(ready),
   onStatus: (status, detail) => statuses.push([status, detail.code ?? null]),
 });
@@ -313,3 +340,53 @@ async def test_the_client_reconnects_resumes_pings_refreshes_and_stops(
             await anyio.sleep(QUIET)
             assert (await pinging.js("statuses"))[-1] == ["stopped", 1008]
             assert hub.stats()["connections_per_user"].get("bob") == 1
+
+
+async def test_the_client_stops_for_good_on_4003(serve: ServeFn, browser: str) -> None:
+    connections: list[ConnectionInfo] = []
+    hub = EventHub(users, on_connect=connections.append)
+    server = await serve(EventsMiddleware(client_page, hub=hub), hub=hub)
+    async with open_tab(browser, f"{server.url}/?token=tok-alice") as tab:
+        await tab.wait_for("readies.length === 1", "the first ready message")
+        await hub.disconnect("alice")  # 4003 "Disconnected": say the user logged out
+        await tab.wait_for("client.status === 'stopped'", "the client to stop")
+        await anyio.sleep(QUIET)  # longer than the page's first backoff (<= 100 ms)
+        statuses = await tab.js("statuses")
+        assert statuses[-1] == ["stopped", 4003]  # reported to the page, with its code
+        assert "closed" not in [status for status, _ in statuses]  # no retry was scheduled
+        assert len(connections) == 1 and await hub.presence("alice") == 0
+        assert await tab.js("client.status") == "stopped"
+
+
+async def test_latest_values_reach_the_page_and_leave_the_dedupe_alone(
+    serve: ServeFn, browser: str
+) -> None:
+    hub = EventHub(users, latest_types={"P": "payload.job"})
+    server = await serve(EventsMiddleware(client_page, hub=hub), hub=hub)
+    for job, n in (("a", 1), ("b", 1), ("a", 2)):
+        await hub.broadcast("alice", {"type": "P", "payload": {"job": job, "n": n}})
+    async with open_tab(browser, f"{server.url}/?token=tok-alice") as tab:
+        await tab.wait_for("readies.length === 1", "the first ready message")
+        await hub.broadcast("alice", {"type": "P", "payload": {"job": "a", "n": 3}})
+        first = await hub.broadcast("alice", {"type": "N", "payload": {"n": 1}})
+        await tab.wait_for("events.length === 4", "two latest values and two live events")
+        assert await tab.js("client.position") == first
+        await hub.streams.lost()  # 1012: the page reconnects and resumes from `first`
+        await tab.wait_for("readies.length === 2", "the second ready message")
+        assert await tab.js("client.position") == first  # the latest values did not move it
+        second = await hub.broadcast("alice", {"type": "N", "payload": {"n": 2}})
+        await tab.wait_for("events.length === 7", "the live event after the reconnect")
+        events = await tab.js("events")
+        shown = [(e["type"], e["payload"], e.get("id"), e.get("latest")) for e in events]
+        assert shown == [
+            ("P", {"job": "b", "n": 1}, None, True),  # the latest value of each job, oldest
+            ("P", {"job": "a", "n": 2}, None, True),  # first, before the ready message
+            ("P", {"job": "a", "n": 3}, None, None),  # live: no id, no latest
+            ("N", {"n": 1}, first, None),
+            ("P", {"job": "b", "n": 1}, None, True),  # again on the new connection
+            ("P", {"job": "a", "n": 3}, None, True),
+            ("N", {"n": 2}, second, None),  # and N 1 not again
+        ]
+        replayed = [flag for _, flag in await tab.js("seen")]
+        assert replayed == [True, True, False, False, True, True, False]
+        assert await tab.js("client.position") == second

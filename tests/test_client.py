@@ -16,10 +16,11 @@ import httpx
 import pytest
 from hypercorn.config import Config
 
-from asgi_events import EventHub, EventsMiddleware, Principal
+from asgi_events import ConnectionInfo, EventHub, EventsMiddleware, Principal, history_app
 from asgi_events.client import (
     AuthenticationError,
     EventsClient,
+    EventsClientError,
     Gap,
     Item,
     RejectedError,
@@ -29,7 +30,16 @@ from asgi_events.client import (
 )
 from asgi_events.types import Message, Receive, Scope, Send
 
-from .support.server import TIMEOUT, ServeFn, Server, http_app, run_server, signal_startup, users
+from .support.server import (
+    QUIET,
+    TIMEOUT,
+    ServeFn,
+    Server,
+    http_app,
+    run_server,
+    signal_startup,
+    users,
+)
 
 FAST: dict[str, Any] = {"initial_delay": 0.02, "max_delay": 0.1, "ping_interval": None}
 PAD = "x" * 32768
@@ -186,8 +196,10 @@ async def test_a_refused_token_stops_the_client_with_authentication_error(
     with pytest.raises(AuthenticationError) as info:
         async with EventsClient(server.ws_url(), token="nope", **FAST) as client:
             await take(client)
-    expected = (1008, "Authentication failed") if refusal == "close" else (None, "HTTP 401")
-    assert (info.value.code, info.value.reason) == expected
+    expected = (1008, "Authentication failed", None)
+    if refusal == "http":
+        expected = (None, "HTTP 401", 401)
+    assert (info.value.code, info.value.reason, info.value.status) == expected
     assert server.hub is not None and server.hub.stats()["auth_failures"] == 1  # no retry
 
 
@@ -264,6 +276,79 @@ async def test_resumes_by_id_drops_duplicates_and_stops_on_1000(serve: ServeFn) 
     assert second["query_string"] == b"lastEventId=ep.2"
 
 
+def progress_of(items: list[Item]) -> list[tuple[str, int, bool]]:
+    """(jobId, percent, latest) of each JOB_PROGRESS item; none of them has an id."""
+    found = []
+    for item in items:
+        assert isinstance(item, dict) and item["type"] == "JOB_PROGRESS" and "id" not in item
+        found.append((item["payload"]["jobId"], item["payload"]["percent"], "latest" in item))
+        assert item.get("latest", True) is True  # when there, it is true
+    return found
+
+
+async def test_latest_values_are_yielded_and_never_move_the_position(serve: ServeFn) -> None:
+    hub = EventHub(users, latest_types={"JOB_PROGRESS": "payload.jobId"})
+    server = await serve(hub=hub)
+    first = await hub.broadcast("alice", {"type": "T", "payload": 0})
+    for job, percent in (("a", 10), ("b", 5), ("a", 20)):  # a's 20 replaces its 10
+        progress = {"type": "JOB_PROGRESS", "payload": {"jobId": job, "percent": percent}}
+        assert await hub.broadcast("alice", progress) is None
+    options: dict[str, Any] = {**FAST, "last_event_id": first}
+    async with EventsClient(server.ws_url(), token="tok-alice", **options) as client:
+        # After the (empty) replay, before the ready message: the latest value of each job.
+        assert progress_of(await take(client, 2)) == [("b", 5, True), ("a", 20, True)]
+        assert client.position == first
+        live = {"type": "JOB_PROGRESS", "payload": {"jobId": "a", "percent": 30}}
+        await hub.broadcast("alice", live)
+        assert progress_of(await take(client)) == [("a", 30, False)]
+        assert client.position == first
+        second = await hub.broadcast("alice", {"type": "T", "payload": 1})
+        [event] = await take(client)
+        assert isinstance(event, dict) and event["id"] == second == client.position
+
+        await hub.streams.lost()  # closes the socket with 1012: the client resumes by id
+        assert progress_of(await take(client, 2)) == [("b", 5, True), ("a", 30, True)]
+        assert client.position == second
+        await hub.broadcast("alice", {"type": "T", "payload": 2})
+        assert payloads(await take(client)) == [2]  # and nothing replayed twice before it
+    assert hub.stats()["reconnection_count"] == 2  # both connections resumed by id
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "error"),
+    [
+        (4003, "Disconnected", None),  # hub.disconnect's default: a logout
+        (1000, "", None),
+        (1008, "Disconnected", RejectedError),
+        (4400, "Banned", RejectedError),
+    ],
+)
+async def test_hub_disconnect_stops_the_client_for_good_with_its_code(
+    serve: ServeFn, code: int, reason: str, error: type[Exception] | None
+) -> None:
+    connections: list[ConnectionInfo] = []
+    hub = EventHub(users, on_connect=connections.append)
+    server = await serve(hub=hub)
+    async with EventsClient(server.ws_url(), token="tok-alice", **FAST) as client:
+        await until(lambda: len(connections) == 1)
+        await hub.broadcast("alice", {"type": "T", "payload": 1})
+        assert payloads(await take(client)) == [1]
+        await hub.disconnect("alice", code=code, reason=reason)
+        if error is None:
+            with anyio.fail_after(TIMEOUT):
+                rest = [item async for item in client]  # the iteration ends
+            assert rest == []
+        else:
+            with pytest.raises(error) as info:
+                await take(client)
+            assert (info.value.code, info.value.reason) == (code, reason)
+        assert (client.close_code, client.close_reason) == (code, reason)
+        await anyio.sleep(QUIET)  # time enough for a reconnection (backoff <= 0.1 s): none
+        assert len(connections) == 1 and await hub.presence("alice") == 0
+    stats = hub.stats()
+    assert stats["disconnects"] == 1 and stats["reconnection_count"] == 0
+
+
 @pytest.mark.parametrize(
     ("code", "reason"), [(1008, "Too many connections"), (1009, "Message too big"), (4400, "")]
 )
@@ -307,6 +392,94 @@ async def test_pings_keep_an_idle_socket_open(serve: ServeFn) -> None:
         assert payloads(await take(client)) == [1]  # and no "pong" among the items
     stats = hub.stats()
     assert stats["idle_closes"] == 0 and stats["reconnection_count"] == 0
+
+
+def with_history(hub: EventHub) -> EventsMiddleware:
+    """The middleware around an app that mounts ``history_app`` at /history."""
+    history = history_app(hub)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/history":
+            return await history(scope, receive, send)
+        return await http_app(scope, receive, send)
+
+    return EventsMiddleware(app, hub=hub)
+
+
+async def test_history_reads_the_user_s_buffered_events_over_http(serve: ServeFn) -> None:
+    hub = EventHub(users)
+    server = await serve(with_history(hub), hub=hub)
+    ids = [await hub.broadcast("alice", {"type": "T", "payload": n}) for n in range(3)]
+    await hub.broadcast("alice", {"type": "JOB_PROGRESS", "payload": "transient"})
+    await hub.broadcast("bob", {"type": "T", "payload": "not alice's"})
+    client = EventsClient(server.ws_url(), token="tok-alice", history_url="/history", **FAST)
+    page = await client.history()  # outside the block: no socket needed
+    assert [event["id"] for event in page.events] == ids
+    assert payloads(list(page.events)) == [0, 1, 2]
+    assert (page.position, page.recovered, page.reason, page.oldest) == (ids[2], True, None, None)
+    async with client:  # inside it, on the client's own HTTP client
+        page = await client.history(after=ids[0], limit=1)  # the oldest ones first
+        assert [event["id"] for event in page.events] == [ids[1]] and page.position == ids[2]
+        unknown = await client.history(after="nope")
+        assert (unknown.events, unknown.recovered, unknown.reason) == ((), False, "unknown")
+        await until(lambda: hub.stats()["total_connections"] == 1)
+        live = await hub.broadcast("alice", {"type": "T", "payload": 3})
+        [event] = await take(client)  # the socket's items are its own, history or not
+        assert isinstance(event, dict) and event["id"] == live == client.position
+    requests: list[httpx.Request] = []
+
+    async def record(request: httpx.Request) -> None:
+        requests.append(request)
+
+    async with httpx.AsyncClient(event_hooks={"request": [record]}) as http:
+        url = f"{server.url}/history"
+        absolute = EventsClient(
+            server.ws_url(), token="tok-alice", token_in="query", http_client=http, history_url=url
+        )
+        page = await absolute.history(after=ids[1])
+    assert [event["id"] for event in page.events] == [ids[2], live]
+    [request] = requests  # the token as Bearer, never in the URL
+    assert request.headers["authorization"] == "Bearer tok-alice"
+    assert request.url.params == httpx.QueryParams({"after": ids[1]})
+
+
+async def test_history_errors_carry_the_http_status(serve: ServeFn) -> None:
+    hub = EventHub(users)
+    server = await serve(with_history(hub), hub=hub)
+    await hub.broadcast("alice", {"type": "T", "payload": 0})
+    refused = EventsClient(server.ws_url(), token="stale", history_url="/history", **FAST)
+    with pytest.raises(AuthenticationError) as auth:
+        await refused.history()
+    assert (auth.value.status, auth.value.code) == (401, None)
+    assert auth.value.reason == "HTTP 401: Authentication failed"
+
+    fresh: list[str] = []
+
+    async def refresh() -> str:
+        fresh.append("tok-alice")
+        return "tok-alice"
+
+    refreshed = EventsClient(
+        server.ws_url(), token="stale", token_refresher=refresh, history_url="/history", **FAST
+    )
+    assert payloads(list((await refreshed.history()).events)) == [0] and len(fresh) == 1
+    with pytest.raises(EventsClientError) as bad:
+        await refreshed.history(limit=-1)
+    assert bad.value.status == 400 and not isinstance(bad.value, AuthenticationError)
+    assert bad.value.reason == "HTTP 400: limit must be a non-negative integer"
+    nowhere = EventsClient(server.ws_url(), token="tok-alice", history_url="/nope", **FAST)
+    with pytest.raises(EventsClientError) as missing:  # the inner app's "inner": no history
+        await nowhere.history()
+    assert missing.value.status == 200 and missing.value.reason == "HTTP 200: not a history"
+    with pytest.raises(RuntimeError, match="history_url"):
+        await EventsClient(server.ws_url(), token="tok-alice").history()
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{sock.getsockname()[1]}/history"
+    with pytest.raises(EventsClientError) as unreachable:
+        await EventsClient(server.ws_url(), token="tok-alice", history_url=down).history()
+    assert unreachable.value.status is None and "ConnectError" in unreachable.value.reason
+    assert len(fresh) == 1  # one refresh, kept: the 400 was asked with the fresh token
 
 
 def test_backoff_is_exponential_with_full_jitter_and_bounded() -> None:

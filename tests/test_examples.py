@@ -7,6 +7,7 @@ import importlib
 import pytest
 
 from asgi_events import EventHub
+from examples import demo
 
 from .support.server import Connect, ServeFn, recv
 
@@ -31,3 +32,24 @@ async def test_example_delivers_an_event(
         while (frame := await recv(ws))["type"] != "EXAMPLE":  # the demo sends its own jobs
             pass
         assert frame["payload"] == module
+
+
+async def test_the_demo_gives_a_client_connecting_mid_job_the_latest_progress(
+    serve: ServeFn, connect: Connect
+) -> None:
+    server = await serve(demo.app)
+    url = server.ws_url(token="demo-alice")
+    async with connect(url) as watching:  # the demo's own jobs: wait for some progress
+        while (seen := await recv(watching))["type"] != "JOB_PROGRESS":
+            pass
+    job, percent = seen["payload"]["jobId"], seen["payload"]["percent"]
+    async with connect(url, subprotocols=["asgi-events.v1"]) as late:
+        before_ready = []
+        while (message := await recv(late))["type"] != "asgi_events.ready":
+            before_ready.append(message)
+    # No replay (no lastEventId): only the latest values, each job's newest progress.
+    assert before_ready and all(
+        m["type"] == "JOB_PROGRESS" and m["latest"] is True and "id" not in m for m in before_ready
+    )
+    latest = {m["payload"]["jobId"]: m["payload"]["percent"] for m in before_ready}
+    assert latest[job] >= percent  # the progress seen live, or a newer one

@@ -18,20 +18,27 @@ On asyncio and trio (anyio, httpx-ws). Design:
 - **Position**: the ``position`` of each ``asgi_events.ready`` and the ``id`` of each event
   the consumer took (``client.position``: store it, pass it back as ``last_event_id`` in a
   later process). Each reconnection sends it as ``lastEventId``. The ids of the last
-  ``dedupe_window`` events are never yielded again; events without an id (transient ones)
-  are yielded as they come, in the server's order.
+  ``dedupe_window`` events are never yielded again; events without an id are yielded as they
+  come, in the server's order, and never move the position: transient ones, and latest
+  values (``"latest": true``: the newest value of each key of the hub's ``latest_types``,
+  sent again on each connection after its replay, so a value may come more than once).
 - **Gaps are items, not exceptions**: on ``recovered: false`` the iterator yields a ``Gap``
   where the ready message was (after what the server could still replay, before live
   events), and goes on. Refetch your state.
-- **Close codes**: 1000 ends the iteration (the server is done with this client). 1001, 1005,
-  1006, 1011, 1012, 1013, 1014, 4002, network errors and HTTP 408/429/5xx: reconnect with
-  exponential backoff and full jitter (the count restarts once a connection gets its ready
-  message). 1008 "Authentication failed", 4001 and HTTP 401: call ``token_refresher`` and
-  reconnect at once; without one, or if the fresh token is refused too, raise
-  ``AuthenticationError`` (``TokenExpiredError`` for 4001). Any other code (1008 "Too many
-  connections" or "Rate limit exceeded", 1009, other 4xxx) or HTTP status raises
-  ``RejectedError``; ``max_attempts`` failed reconnections in a row raise
-  ``RetriesExhaustedError``. The iteration raises them, unwrapped.
+- **Close codes**: 1000 and 4003 "Disconnected" (``hub.disconnect``: say a logout) end the
+  iteration: the server is done with this client, which does not reconnect
+  (``client.close_code`` says which). 1001, 1005, 1006, 1011, 1012, 1013, 1014, 4002,
+  network errors and HTTP 408/429/5xx: reconnect with exponential backoff and full jitter
+  (the count restarts once a connection gets its ready message). 1008 "Authentication
+  failed", 4001 and HTTP 401: call ``token_refresher`` and reconnect at once; without one, or
+  if the fresh token is refused too, raise ``AuthenticationError`` (``TokenExpiredError`` for
+  4001). Any other code (1008 "Too many connections" or "Rate limit exceeded", 1009, other
+  4xxx, a ``hub.disconnect`` with a code or a 1008 reason of its own) or HTTP status raises
+  ``RejectedError``, and the client does not reconnect either; ``max_attempts`` failed
+  reconnections in a row raise ``RetriesExhaustedError``. The iteration raises them,
+  unwrapped.
+- **History**: where the server mounts ``history_app``, ``await client.history(after, limit)``
+  reads the user's buffered events over HTTP (``history_url``; ``client_history.py``).
 - **Keepalive**: text ``ping`` every ``ping_interval`` seconds (``pong`` is dropped); a socket
   on which nothing arrives for twice that long is taken as dead and replaced.
 """
@@ -39,7 +46,6 @@ On asyncio and trio (anyio, httpx-ws). Design:
 from __future__ import annotations
 
 import inspect
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -48,7 +54,6 @@ from typing import Any, Literal
 import anyio
 import anyio.abc
 import anyio.to_thread
-import httpcore
 import httpx
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from httpx_ws import (
@@ -61,13 +66,27 @@ from httpx_ws import (
 )
 
 from . import codec
-from .protocol import BATCH_SUBPROTOCOL, PING, READY, SUBPROTOCOL, Action, client_action
+from .client_history import HistoryPage, fetch_history
+from .client_policy import (
+    AuthenticationError,
+    End,
+    EventsClientError,
+    RejectedError,
+    RetriesExhaustedError,
+    TokenExpiredError,
+    backoff_delay,
+    classify,
+    refused,
+    transient,
+)
+from .protocol import BATCH_SUBPROTOCOL, PING, READY, SUBPROTOCOL
 
 __all__ = (
     "AuthenticationError",
     "EventsClient",
     "EventsClientError",
     "Gap",
+    "HistoryPage",
     "Item",
     "RejectedError",
     "RetriesExhaustedError",
@@ -77,41 +96,6 @@ __all__ = (
 
 TokenRefresher = Callable[[], str | Awaitable[str]]
 """``() -> token``, sync (run in a worker thread) or async."""
-
-_TRANSIENT: tuple[type[Exception], ...] = (
-    OSError,  # TimeoutError included
-    httpx.TransportError,
-    httpcore.NetworkError,
-    HTTPXWSException,
-    anyio.BrokenResourceError,
-    anyio.ClosedResourceError,
-    anyio.EndOfStream,
-)
-
-
-class EventsClientError(Exception):
-    """Why the client stopped: the close ``code`` (None for an HTTP refusal) and ``reason``."""
-
-    def __init__(self, code: int | None, reason: str) -> None:
-        super().__init__(f"{code}: {reason}" if code is not None else reason)
-        self.code = code
-        self.reason = reason
-
-
-class AuthenticationError(EventsClientError):
-    """The token was refused (1008 "Authentication failed", HTTP 401) or expired (4001)."""
-
-
-class TokenExpiredError(AuthenticationError):
-    """The token expired (4001) and no ``token_refresher`` could replace it."""
-
-
-class RejectedError(EventsClientError):
-    """The server closed the socket with a code not worth retrying as is (see the module doc)."""
-
-
-class RetriesExhaustedError(EventsClientError):
-    """``max_attempts`` reconnections in a row failed; ``code``/``reason`` are the last one's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,50 +111,13 @@ class Gap:
 
 
 Item = dict[str, Any] | Gap
-"""What the iteration yields: an event (a dict) or a ``Gap``."""
+"""What the iteration yields: an event (a dict; with ``"latest": true`` for a latest value) or a
+``Gap``."""
 
 
-def backoff_delay(
-    attempt: int, initial: float, maximum: float, rng: random.Random | None = None
-) -> float:
-    """Exponential backoff, full jitter: uniform in ``[0, min(maximum, initial * 2**attempt)]``."""
-    cap = min(maximum, initial * 2.0 ** min(attempt, 64))
-    return (rng or _RNG).uniform(0.0, cap)
-
-
-_RNG = random.Random()
-
-
-_Kind = Literal["done", "retry", "auth", "fatal"]
-
-
-@dataclass(frozen=True, slots=True)
-class _End:
-    """How one connection ended."""
-
-    kind: _Kind
-    code: int | None
-    reason: str
-
-
-_KINDS: dict[Action, _Kind] = {
-    Action.DONE: "done",
-    Action.RETRY: "retry",
-    Action.REFRESH: "auth",
-    Action.GIVE_UP: "fatal",
-}
-
-
-def _classify(code: int, reason: str) -> _End:
-    """How a close ends a connection: the close table's action (``protocol.CLOSES``)."""
-    return _End(_KINDS[client_action(code, reason)], code, reason)
-
-
-def _transient(exc: BaseException) -> bool:
-    group = getattr(exc, "exceptions", None)  # an exception group (no builtin name on 3.10)
-    if isinstance(group, tuple) and group:
-        return all(_transient(inner) for inner in group)
-    return isinstance(exc, _TRANSIENT)
+def _http_url(url: str) -> httpx.URL:
+    scheme, sep, rest = url.partition("://")
+    return httpx.URL({"ws": "http", "wss": "https"}.get(scheme, scheme) + sep + rest)
 
 
 class EventsClient:
@@ -191,6 +138,8 @@ class EventsClient:
     :param dedupe_window: how many recent event ids are remembered to drop duplicates.
     :param http_client: an ``httpx.AsyncClient`` to connect with (TLS, proxies, headers);
         by default one of the client's own.
+    :param history_url: where the server mounts ``history_app``, for ``history()``: absolute,
+        or relative to ``url`` (``"/events/history"``).
     """
 
     def __init__(
@@ -207,9 +156,10 @@ class EventsClient:
         ping_interval: float | None = 20.0,
         dedupe_window: int = 1024,
         http_client: httpx.AsyncClient | None = None,
+        history_url: str | None = None,
     ) -> None:
-        scheme, sep, rest = url.partition("://")
-        self._url = httpx.URL({"ws": "http", "wss": "https"}.get(scheme, scheme) + sep + rest)
+        self._url = _http_url(url)
+        self._history_url = None if history_url is None else self._url.join(_http_url(history_url))
         self._token, self._token_in, self._refresher = token, token_in, token_refresher
         self._position = last_event_id
         self._delays = (initial_delay, max_delay)
@@ -219,6 +169,7 @@ class EventsClient:
         self._http, self._own_http = http_client, http_client is None
         self._healthy = self._control = self._batch = False
         self._error: Exception | None = None
+        self._close: tuple[int | None, str] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._send: MemoryObjectSendStream[Item]
         self._receive: MemoryObjectReceiveStream[Item]
@@ -228,6 +179,51 @@ class EventsClient:
         """The id up to which the consumer is current (resume from it), if any yet."""
         return self._position
 
+    @property
+    def close_code(self) -> int | None:
+        """The close code that stopped the client: 1000 or 4003 when the iteration ended (the
+        server is done with it), else that of the ``EventsClientError`` the iteration raised
+        (None for an HTTP refusal, as there); None while it runs."""
+        return None if self._close is None else self._close[0]
+
+    @property
+    def close_reason(self) -> str | None:
+        """The reason that goes with ``close_code`` (``"Disconnected"`` for 4003)."""
+        return None if self._close is None else self._close[1]
+
+    async def history(self, after: str | None = None, limit: int | None = None) -> HistoryPage:
+        """The user's buffered events after the id ``after`` (all of them if None), oldest
+        first, at most ``limit`` of them, from the server's ``history_app`` at ``history_url``
+        (say to refetch state after a ``Gap``, or to page through what a socket would replay).
+
+        One ``GET`` with the token as ``Authorization: Bearer`` (whatever ``token_in``); on
+        HTTP 401, ``token_refresher`` (if any) gives a fresh token for one more try. It needs
+        no connection: it may be called outside the ``async with`` block too. The client's
+        ``position`` and dedupe are left as they are.
+
+        :raises RuntimeError: the client has no ``history_url``.
+        :raises AuthenticationError: the token was refused (``status`` 401).
+        :raises EventsClientError: any other HTTP error (``status``: 400 for a bad ``limit``,
+            503 if the server's backend is unavailable), or a network error (``status`` None).
+        """
+        if self._history_url is None:
+            raise RuntimeError("pass EventsClient(history_url=...): where history_app is mounted")
+        if self._http is not None:
+            return await self._history(self._http, self._history_url, after, limit)
+        async with httpx.AsyncClient(timeout=30.0) as http:  # outside the async with block
+            return await self._history(http, self._history_url, after, limit)
+
+    async def _history(
+        self, http: httpx.AsyncClient, url: httpx.URL, after: str | None, limit: int | None
+    ) -> HistoryPage:
+        try:
+            return await fetch_history(http, url, self._token, after, limit)
+        except AuthenticationError:
+            if self._refresher is None:
+                raise
+        self._token = await self._refresh(self._refresher)
+        return await fetch_history(http, url, self._token, after, limit)
+
     async def __aenter__(self) -> EventsClient:
         """Start connecting in the background; iterate to receive."""
         if self._tg is not None:
@@ -235,7 +231,7 @@ class EventsClient:
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=30.0)
         self._send, self._receive = anyio.create_memory_object_stream[Item](0)
-        self._error = None
+        self._error = self._close = None
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._main)
@@ -274,30 +270,34 @@ class EventsClient:
 
     async def _main(self) -> None:
         try:
-            await self._run()
-        except Exception as exc:  # handed to the consumer by __anext__
+            end = await self._run()
+            self._close = (end.code, end.reason)
+        except EventsClientError as exc:  # handed to the consumer by __anext__
+            self._error, self._close = exc, (exc.code, exc.reason)
+        except Exception as exc:
             self._error = exc
         finally:
             self._send.close()
 
-    async def _run(self) -> None:
+    async def _run(self) -> End:
+        """Connect until the server is done with the client (that close); or raise why not."""
         failures, refreshed = 0, False
         while True:
             end = await self._connect()
             if self._healthy:
                 failures, refreshed = 0, False
             if end.kind == "done":
-                return
+                return end
             if end.kind == "auth":
                 if self._refresher is None or refreshed:
                     error = TokenExpiredError if end.code == 4001 else AuthenticationError
-                    raise error(end.code, end.reason)
+                    raise error(end.code, end.reason, status=end.status)
                 self._token, refreshed = await self._refresh(self._refresher), True
                 continue
             if end.kind == "fatal":
-                raise RejectedError(end.code, end.reason)
+                raise RejectedError(end.code, end.reason, status=end.status)
             if self._max_attempts is not None and failures >= self._max_attempts:
-                raise RetriesExhaustedError(end.code, end.reason)
+                raise RetriesExhaustedError(end.code, end.reason, status=end.status)
             await anyio.sleep(backoff_delay(failures, *self._delays))
             failures += 1
 
@@ -313,7 +313,7 @@ class EventsClient:
             raise TypeError(f"token_refresher must return a non-empty str, not {token!r}")
         return token
 
-    async def _connect(self) -> _End:
+    async def _connect(self) -> End:
         url, headers = self._url, dict[str, str]()
         if self._position is not None:
             url = url.copy_set_param("lastEventId", self._position)
@@ -334,19 +334,15 @@ class EventsClient:
             ) as ws:
                 end = await self._read(ws)
         except WebSocketUpgradeError as exc:
-            status = exc.response.status_code
-            kind: _Kind = "auth" if status == 401 else "fatal"
-            if status in (408, 429) or status >= 500:
-                kind = "retry"
-            return _End(kind, None, f"HTTP {status}")
+            return refused(exc.response.status_code)
         except Exception as exc:
-            if end is None and not _transient(exc):
+            if end is None and not transient(exc):
                 raise
-            end = end or _End("retry", 1006, f"{type(exc).__name__}: {exc}")
+            end = end or End("retry", 1006, f"{type(exc).__name__}: {exc}")
         assert end is not None
         return end
 
-    async def _read(self, ws: AsyncWebSocketSession) -> _End:
+    async def _read(self, ws: AsyncWebSocketSession) -> End:
         self._batch = ws.subprotocol == BATCH_SUBPROTOCOL
         self._control = self._batch or ws.subprotocol == SUBPROTOCOL
         interval = self._ping_interval
@@ -362,9 +358,9 @@ class EventsClient:
                     self._healthy |= not self._control
                     await self._frame(text)
             except WebSocketDisconnect as exc:
-                end = _classify(exc.code, exc.reason)
+                end = classify(exc.code, exc.reason)
             except (HTTPXWSException, TimeoutError) as exc:
-                end = _End("retry", 1006, type(exc).__name__)
+                end = End("retry", 1006, type(exc).__name__)
             tg.cancel_scope.cancel()
         return end
 

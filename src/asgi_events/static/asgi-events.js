@@ -17,12 +17,17 @@
  *                "asgi-events.token.<token>", kept out of URLs and logs) or "query" (?token=)
  *   lastEventId  where the first connection resumes from (later ones resume from the position)
  *   lastEventTs  without lastEventId: replay the events newer than this (Date or ISO string)
- *   onEvent(event, {replayed})  every event, at most once; `replayed` before the ready message
+ *   onEvent(event, {replayed})  every event with an id at most once; `replayed` before the
+ *                   ready message. Events without an id never move the position and are not
+ *                   deduped: transient ones, and latest values (`event.latest === true`: the
+ *                   newest value of each key of the hub's latest_types, sent on each connection
+ *                   after its replay and before the ready message, so `replayed` is true)
  *   onReady(ready)  after each connection's replay: {position, recovered, replayed, reason?, oldest?}
  *   onGap(ready)    the same, when `recovered` is false (reason "evicted", "expired", "epoch"
  *                   or "unknown"; `oldest` is the oldest id resumable now)
- *   onStatus(status, detail)  "connecting" {attempt}, "open", "closed" {code, reason, retryIn},
- *                   "paused", "stopped" {code, reason} or {error}
+ *   onStatus(status, detail)  "connecting" {attempt}, "open", "closed" {code, reason, retryIn}
+ *                   (a retry is scheduled), "paused", "stopped" {code, reason} (a final close,
+ *                   see below) or {error}
  *   refreshToken({code, reason})  on 4001, or 1008 "Authentication failed": a fresh token (or a
  *                                 promise of one) to reconnect
  *                   with; null/undefined (or no hook) stops the client
@@ -30,14 +35,23 @@
  *                hears nothing for two intervals is dropped and reconnected
  *   backoff      {initial: 500, max: 30000}: ms, exponential with full jitter, reset on ready
  *
- * Always offers "asgi-events.v1" (control messages). Reconnects on 1001, 1005, 1006, 1011,
- * 1012, 1013, 1014 and 4002 (the close table of protocol.py), resuming with lastEventId; stops on any other code (an auth 1008 and
- * 4001 go through refreshToken first; "Too many connections" and "Rate limit exceeded" stop). Ids already delivered are dropped if they ever come again.
- * After a stop, resume() starts again (set `client.token` first if need be); close() is final.
+ * Always offers "asgi-events.v1" (control messages). Ids already delivered are dropped if they
+ * ever come again. Close codes (the close table of protocol.py):
+ *   1001, 1005, 1006, 1011, 1012, 1013, 1014, 4002: reconnect after the backoff, resuming with
+ *         lastEventId (onStatus "closed")
+ *   4001, 1008 "Authentication failed": refreshToken, then reconnect; no token: final
+ *   1000: the server is done with this client: final
+ *   4003: the application disconnected this user (logout): final
+ *   any other (1008 "Too many connections" or "Rate limit exceeded", 1009, other 4xxx such
+ *         as a code of the application's own from hub.disconnect): final
+ * A final close stops the client and reports it: onStatus("stopped", {code, reason}), and no
+ * reconnection. After a stop, resume() starts again (set `client.token` first if need be);
+ * close() is final.
  */
 
 const V1 = "asgi-events.v1";
 const RETRY = new Set([1001, 1005, 1006, 1011, 1012, 1013, 1014, 4002]);
+// Any other code, but an auth one, is final: 1000, 4003 "Disconnected" (hub.disconnect), ...
 // 1008 is also "Too many connections" and "Rate limit exceeded": only its auth reason refreshes.
 const isAuth = (code, reason) => code === 4001 || (code === 1008 && reason === "Authentication failed");
 const SEEN = 1024; // delivered ids remembered, to never deliver one twice
