@@ -220,7 +220,9 @@ class EventHub:
         reason: str = protocol.DISCONNECTED.reason,
     ) -> None:
         """Close every connection of ``user_id`` on every node with ``code`` and ``reason``
-        (logout, ban, password change): clients treat 4003 as final and do not reconnect.
+        (logout, ban, password change). Clients follow the close table: 4003, 1000 and codes
+        it does not list are final (no reconnect); a listed code keeps its meaning, so
+        ``code=4001, reason="Token expired"`` makes them fetch a fresh token and come back.
         Connections of the user being admitted right now are closed too. This node's are
         closing when it returns; other nodes' as soon as the backend reaches them. Revoke the user's
         credentials first, or it may simply connect again.
