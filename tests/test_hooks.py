@@ -17,7 +17,16 @@ from httpx_ws import AsyncWebSocketSession
 from asgi_events import ConnectionInfo, EventHub, EventsMiddleware, Principal, current_connection
 from asgi_events.types import Message
 
-from .support.server import TIMEOUT, Connect, ServeFn, close_code, http_app, recv, users
+from .support.server import (
+    TIMEOUT,
+    Connect,
+    ServeFn,
+    close_code,
+    http_app,
+    record_close,
+    recv,
+    users,
+)
 
 V1 = "asgi-events.v1"
 READY = "asgi_events.ready"
@@ -336,6 +345,35 @@ async def test_a_refused_connection_calls_neither_hook(
     assert hub.stats()["auth_failures"] == 3
 
 
+async def test_a_connection_closed_before_it_opened_calls_neither_hook(
+    serve: ServeFn, connect: Connect, mode: str
+) -> None:
+    in_auth, release = anyio.Event(), anyio.Event()
+
+    async def slow_verify(token: str) -> str | None:
+        if token == "tok-alice":
+            in_auth.set()
+            await release.wait()
+        return users(token)
+
+    rec = Recorder(mode)
+    hub = EventHub(slow_verify, **rec.hooks())
+    server = await serve(hub=hub)
+    codes: list[tuple[int, str]] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(record_close, connect, server.ws_url(token="tok-alice"), codes)
+        with anyio.fail_after(TIMEOUT):
+            await in_auth.wait()
+        await hub.disconnect("alice")  # while it is being admitted: it is closed at once
+        release.set()
+    assert codes == [(4003, "Disconnected")]
+    async with connect(server.ws_url(token="tok-bob")):
+        await rec.until(lambda: len(rec.connected) == 1)
+    await server.stop()  # every connection has ended, and its hooks have run
+    assert [i.user_id for i in rec.connected] == ["bob"]
+    assert [info for info, _ in rec.disconnected] == rec.connected
+
+
 # -- hooks that raise -------------------------------------------------------------------------
 
 
@@ -364,7 +402,9 @@ def hook_errors(logs: Records) -> list[logging.LogRecord]:
 async def test_a_raising_hook_is_counted_and_logged_and_the_socket_goes_on(
     serve: ServeFn, connect: Connect, logs: Records, mode: str, which: str
 ) -> None:
-    hub = EventHub(users, **{which: raising(which, mode)})
+    rec = Recorder(mode)  # the other hook records
+    hooks = {**rec.hooks(), which: raising(which, mode)}
+    hub = EventHub(users, **hooks)
     server = await serve(hub=hub)
     for n in (1, 2):  # and the hub goes on for the next connection
         async with connect(server.ws_url(token="tok-alice")) as ws:
@@ -380,9 +420,14 @@ async def test_a_raising_hook_is_counted_and_logged_and_the_socket_goes_on(
         if which == "on_disconnect":
             await logs.until(lambda n=n: len(hook_errors(logs)) == n)  # type: ignore[misc]
             assert hub.stats()["hook_errors"] == n
+    await server.stop()
+    assert hub.stats()["hook_errors"] == 2
     for record in hook_errors(logs):
         assert record.levelno == logging.ERROR and record.name == "asgi_events"
         assert which in record.getMessage()
+    # The other hook ran for both connections (on_connect ran, though it raised: on_disconnect
+    # is due all the same).
+    assert len(rec.disconnected if which == "on_connect" else rec.connected) == 2
 
 
 # -- current_connection() ---------------------------------------------------------------------
