@@ -3,7 +3,8 @@
 It must never show in: the log records of ``asgi_events`` and of hypercorn (its error log and an
 access log whose format prints no query string), the close reasons and frames a client gets, the
 handshake response (status line, headers, body; a token offered as a subprotocol is never
-echoed), or ``hub.stats()``.
+echoed), or ``hub.stats()``. The same holds for a credential only an ``authenticate`` callable
+reads (a cookie, a custom header), whichever way it fails.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 from httpx_ws import AsyncWebSocketSession, WebSocketDisconnect
 from hypercorn.config import Config
 
-from asgi_events import EventHub, EventsMiddleware, Principal
+from asgi_events import EventHub, EventsMiddleware, HandshakeRequest, Principal
 
 from .support.server import TIMEOUT, Connect, ServeFn, http_app, recv
 
@@ -87,18 +88,22 @@ class Outcome:
     close: tuple[int, str] | None = None
 
 
+def upgrade_headers() -> dict[str, str]:
+    return {
+        "connection": "upgrade",
+        "upgrade": "websocket",
+        "sec-websocket-version": "13",
+        "sec-websocket-key": base64.b64encode(os.urandom(16)).decode(),
+    }
+
+
 def handshake_request(
     url: str, token: str, source: str, origin: str | None
 ) -> tuple[str, dict[str, str]]:
     """The URL and headers of a WebSocket upgrade offering ``asgi-events.v1``, with ``token``
     sent in ``source``."""
     protocols = [V1]
-    headers = {
-        "connection": "upgrade",
-        "upgrade": "websocket",
-        "sec-websocket-version": "13",
-        "sec-websocket-key": base64.b64encode(os.urandom(16)).decode(),
-    }
+    headers = upgrade_headers()
     if source == "query":
         url += f"?token={token}"
     elif source == "header":
@@ -307,3 +312,89 @@ async def test_a_query_token_shows_only_in_access_log_atoms_that_print_the_query
     # header whatever the format: a handler that dumps ``record.args`` (a JSON formatter, say)
     # would print the token from any source.
     assert isinstance(access.args, dict) and secret in access.args["q"]
+
+
+# -- a credential that only an ``authenticate`` callable reads --------------------------------
+
+SESSION_HEADER = "x-session"  # a custom header (a proxy's, an app's own scheme)
+AUTHENTICATE_PATHS = [
+    "no_user",
+    "verify_raises",
+    "verify_times_out",
+    "expired",
+    "http_refusal",
+    "origin_refused",
+]
+
+
+def read_credential(request: HandshakeRequest, source: str) -> str:
+    if source == "cookie":
+        return request.cookies.get("session", "")
+    return request.headers.get(SESSION_HEADER, "")
+
+
+def make_authenticate(
+    path: Path, canary: str, seen: list[str], source: str
+) -> Callable[[HandshakeRequest], Any] | Callable[[HandshakeRequest], Awaitable[Any]]:
+    """``path.verify`` fed the credential ``authenticate`` reads from ``source`` (so a raise
+    quotes the canary, as a careless session store's error would)."""
+    if path.verify is _hangs:
+
+        async def hanging(request: HandshakeRequest) -> None:
+            seen.append(read_credential(request, source))
+            await _hangs(seen[-1], canary)
+
+        return hanging
+
+    def authenticate(request: HandshakeRequest) -> Any:  # sync: runs in a worker thread
+        seen.append(read_credential(request, source))
+        return path.verify(seen[-1], canary)
+
+    return authenticate
+
+
+@pytest.mark.parametrize("source", ["cookie", "custom header"])
+@pytest.mark.parametrize("name", AUTHENTICATE_PATHS)
+async def test_a_credential_read_by_authenticate_never_leaks(
+    serve: ServeFn,
+    http: httpx.AsyncClient,
+    log_lines: list[logging.LogRecord],
+    secret: str,
+    name: str,
+    source: str,
+) -> None:
+    path, canary = PATHS[name], f"tok-CANARY-{secret}"
+    seen: list[str] = []
+    hub = EventHub(authenticate=make_authenticate(path, canary, seen, source), **path.hub)
+    app = EventsMiddleware(http_app, hub=hub, allowed_origins=path.allowed_origins)
+    server = await serve(app, **logging_config())
+    headers = {**upgrade_headers(), "sec-websocket-protocol": V1}
+    if source == "cookie":
+        headers["cookie"] = f"theme=dark; session={canary}"
+    else:
+        headers[SESSION_HEADER] = canary
+    if path.origin is not None:
+        headers["origin"] = path.origin
+
+    outcome = await attempt(http, f"{server.url}/ws", headers)
+
+    # The path was taken, with the credential read from this source.
+    if isinstance(path.expect, int):
+        assert outcome.status == path.expect
+    else:
+        assert outcome.status == 101 and outcome.close == path.expect
+    assert seen == ([] if path.origin else [canary])  # an Origin refusal never authenticates
+    stats = hub.stats()
+    assert stats[path.counter] == 1 and stats["total_connections"] == 0
+    await server.stop()  # every log record is written by now
+    lines = [LINE.format(record) for record in log_lines]
+    assert any(r.name == "hypercorn.access" for r in log_lines), "the access log is not on"
+    if name in ("verify_raises", "verify_times_out"):
+        assert any(r.name == "asgi_events" and r.levelno >= logging.WARNING for r in log_lines)
+
+    # ... and the credential is nowhere.
+    assert secret not in "\n".join(lines)
+    assert secret not in json.dumps(hub.stats())
+    assert secret not in json.dumps(outcome.headers)
+    assert secret not in outcome.body.decode("latin-1")
+    assert secret not in json.dumps([outcome.frames, outcome.close])

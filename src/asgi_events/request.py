@@ -22,6 +22,13 @@ COOKIE_WARNING = (
 _warned = False  # the warning is logged once per process, not per request
 
 
+def reset_cookie_warning() -> None:
+    """Log ``COOKIE_WARNING`` again at the next cookie read without an Origin check (it is
+    logged once per process); for tests."""
+    global _warned
+    _warned = False
+
+
 class HandshakeRequest:
     """One connection request (a WebSocket handshake, an SSE request), read-only and parsed
     on first use. Headers, cookies and query parameters keep the first of repeated names.
