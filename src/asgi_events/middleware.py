@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from .auth import parse_origins
 from .lifespan import run_lifespan
-from .request import COOKIE_WARNING
+from .request import warn_about_cookies
 from .script import serve_script
 from .transports import websocket
 
@@ -57,7 +57,7 @@ class EventsMiddleware:
         elif scope["type"] == "lifespan":
             authenticator = self.hub.streams.authenticator
             if authenticator.reads_cookies and self.allowed_origins is None:
-                logger.error(COOKIE_WARNING)  # at startup: the first request would be late
+                warn_about_cookies()  # at startup: the first request would be late
             await run_lifespan(self.app, self.hub, scope, receive, send)
         elif scope["type"] == "http" and scope["path"] == self.script_path:
             await serve_script(scope, receive, send)

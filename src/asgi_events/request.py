@@ -22,6 +22,14 @@ COOKIE_WARNING = (
 _warned = False  # the warning is logged once per process, not per request
 
 
+def warn_about_cookies() -> None:
+    """Log ``COOKIE_WARNING`` as an error, once per process."""
+    global _warned
+    if not _warned:
+        _warned = True
+        logger.error(COOKIE_WARNING)
+
+
 def reset_cookie_warning() -> None:
     """Log ``COOKIE_WARNING`` again at the next cookie read without an Origin check (it is
     logged once per process); for tests."""
@@ -58,10 +66,8 @@ class HandshakeRequest:
     @cached_property
     def cookies(self) -> Mapping[str, str]:
         """The ``Cookie`` header's cookies by name (values unquoted as browsers send them)."""
-        global _warned
-        if not self._origin_checked and not _warned:
-            _warned = True
-            logger.error(COOKIE_WARNING)
+        if not self._origin_checked:
+            warn_about_cookies()
         cookies: dict[str, str] = {}
         for chunk in self.headers.get("cookie", "").split(";"):
             name, eq, value = chunk.partition("=")
