@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -15,8 +14,6 @@ from .transports import websocket
 if TYPE_CHECKING:
     from .hub import EventHub
     from .types import ASGIApp, Receive, Scope, Send
-
-logger = logging.getLogger("asgi_events")
 
 
 class EventsMiddleware:
