@@ -72,6 +72,8 @@ class EventHub:
         (browser JavaScript can read that), ``"http"`` to refuse it in the handshake with an
         HTTP status (401 with ``WWW-Authenticate: Bearer`` for bad tokens), where the server
         supports the ``websocket.http.response`` extension, else 403.
+    :param sse_keepalive: seconds between comment lines on an idle Server-Sent Events stream
+        (they keep proxies from cutting it and find dead peers).
     :param shutdown_timeout: seconds ``shutdown()`` waits for sockets to close before it
         cancels them.
     :param send_slots: how many sender tasks send for all the sockets (how many sockets may be
@@ -102,6 +104,7 @@ class EventHub:
         max_connections_per_user: int = 100,
         idle_timeout: float | None = None,
         refusal: Refusal = "close",
+        sse_keepalive: float = 15.0,
         shutdown_timeout: float = 5.0,
         send_slots: int = 8,
         stall_timeout: float = 0.1,
@@ -116,6 +119,7 @@ class EventHub:
             max_connections_per_user=max_connections_per_user,
             idle_timeout=idle_timeout,
             refusal=refusal,
+            sse_keepalive=sse_keepalive,
         )
         self._transient = frozenset(transient_types)
         self._latest = dict(latest_types or {})

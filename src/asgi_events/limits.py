@@ -20,6 +20,7 @@ class Settings:
     max_connections_per_user: int = 100
     idle_timeout: float | None = None
     refusal: Refusal = "close"
+    sse_keepalive: float = 15.0
 
     def __post_init__(self) -> None:
         if self.send_queue_size < 1 or self.durable_limit < 1:
@@ -28,6 +29,8 @@ class Settings:
             raise ValueError("max_message_size and max_connections_per_user must be at least 1")
         if self.rate_limit is not None and min(self.rate_limit) <= 0:
             raise ValueError("rate_limit is (burst, per second), both positive")
+        if not self.sse_keepalive > 0:
+            raise ValueError("sse_keepalive must be positive")
         if self.refusal not in ("close", "http"):
             raise ValueError('refusal is "close" or "http"')
 

@@ -9,7 +9,7 @@ from .auth import parse_origins
 from .lifespan import run_lifespan
 from .request import warn_about_cookies
 from .script import serve_script
-from .transports import websocket
+from .transports import sse, websocket
 
 if TYPE_CHECKING:
     from .hub import EventHub
@@ -17,12 +17,13 @@ if TYPE_CHECKING:
 
 
 class EventsMiddleware:
-    """Pure-ASGI middleware serving the hub's WebSockets at ``path``.
+    """Pure-ASGI middleware serving the hub's WebSockets and Server-Sent Events at ``path``.
 
-    :param app: the inner ASGI app; it gets every HTTP scope, every WebSocket on another path,
-        and the lifespan messages (the hub runs between startup and shutdown).
+    :param app: the inner ASGI app; it gets every other HTTP request (an event stream is a
+        ``GET`` of ``path`` whose ``Accept`` names ``text/event-stream``), every WebSocket on
+        another path, and the lifespan messages (the hub runs between startup and shutdown).
     :param hub: the ``EventHub`` these sockets belong to.
-    :param path: the WebSocket path to take over, matched exactly against ``scope["path"]``;
+    :param path: the path to take over, matched exactly against ``scope["path"]``;
         the browser client (a JavaScript module) is served at ``<path>/client.js``.
     :param allowed_origins: if given, the only ``scheme://host[:port]`` origins whose browser
         pages may open a socket (others get HTTP 403 in the handshake, against cross-site
@@ -56,6 +57,8 @@ class EventsMiddleware:
             if authenticator.reads_cookies and self.allowed_origins is None:
                 warn_about_cookies()  # at startup: the first request would be late
             await run_lifespan(self.app, self.hub, scope, receive, send)
+        elif scope["type"] == "http" and scope["path"] == self.path and sse.wants_events(scope):
+            await sse.serve(self.hub.streams, scope, receive, send, self.allowed_origins)
         elif scope["type"] == "http" and scope["path"] == self.script_path:
             await serve_script(scope, receive, send)
         else:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import enum
 import secrets
+import time
 from datetime import datetime, timezone
 
 import anyio
 
 from .hooks import ConnectionInfo, Transport
 from .outbox import Outbox
-from .protocol import Close, ResumePoint
+from .protocol import TOKEN_EXPIRED, Close, ResumePoint
 from .stats import Counters
 from .types import Principal
 from .wire import Wire
@@ -97,6 +98,13 @@ class Stream:
         self.announced = False  # on_connect ran: on_disconnect is due
         self.code: int | None = None
         """The close code it ended with: the server's, else the client's."""
+
+    async def expire(self) -> None:
+        """Close the stream with 4001 when its principal's ``expires_at`` comes (run it in a
+        task that ends with the stream)."""
+        if self.expires_at is not None:
+            await anyio.sleep(self.expires_at - time.time())
+            self.close(TOKEN_EXPIRED)
 
     def to(self, state: State) -> None:
         """Move to ``state``.

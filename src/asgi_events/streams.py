@@ -164,7 +164,7 @@ class Streams:
         if stream.control:
             payload = replay.ready_payload(resume is not None)
             ready = codec.encode({"type": protocol.READY, "payload": payload})
-            outbox.preload([wire.control(protocol.READY, ready)])
+            outbox.preload([wire.control(protocol.READY, ready, replay.position)])
         if outbox.release(replay.key) == FULL:
             self._slow_consumer(stream)
 
@@ -197,9 +197,9 @@ class Streams:
             await self.hooks.disconnected(stream.info, code, self.counters)
 
     def _finished(self, stream: Stream, error: Exception | None) -> None:
-        # Its close is out (or the peer is gone): it no longer counts as open. The transport
-        # waits (within the close deadline) for the peer's answer: closing TCP first could
-        # reset unread data.
+        # Its close is out (or the peer is gone): it no longer counts as open. A WebSocket
+        # transport waits (within the close deadline) for the peer's answer: closing TCP first
+        # could reset unread data; a transport with no closing handshake is done.
         self.detach(stream)
         self._live.discard(stream)
         left = self._wires.pop(stream.wire, 1) - 1
@@ -209,6 +209,7 @@ class Streams:
             self._emptied.set()
         if error is not None:
             logger.error("send raised %s: the stream is dropped", type(error).__name__)
+        if error is not None or not stream.wire.closing_handshake:
             stream.cancel_scope.cancel()
 
     def _slow_consumer(self, stream: Stream) -> None:

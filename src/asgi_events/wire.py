@@ -32,8 +32,13 @@ class Wire(Protocol):
         plain one (``broadcast_to_all``, or a replayed event: ``event_id`` without ``key``)."""
         ...
 
-    def control(self, kind: str, text: str) -> Message:
-        """The message for a control message of type ``kind`` (encoded as ``text``)."""
+    closing_handshake: bool
+    """Whether the peer answers a close (WebSocket): then the stream ends when it does; else
+    (Server-Sent Events) it ends as soon as its close is out."""
+
+    def control(self, kind: str, text: str, event_id: str | None = None) -> Message:
+        """The message for a control message of type ``kind`` (encoded as ``text``), with the
+        id a client may resume from after it, if any (the ready message's position)."""
         ...
 
     def close(self, code: int, reason: str) -> Message:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections import deque
 from typing import Any
 
@@ -44,7 +43,9 @@ class WebSocketWire:
             return TransientMessage(type="websocket.send", text=text)
         return {"type": "websocket.send", "text": text}
 
-    def control(self, kind: str, text: str) -> Message:
+    closing_handshake = True
+
+    def control(self, kind: str, text: str, event_id: str | None = None) -> Message:
         return {"type": "websocket.send", "text": text}
 
     def close(self, code: int, reason: str) -> Message:
@@ -121,7 +122,7 @@ async def serve(
                     if not sent_for:  # the hub is not running: a writer of its own
                         tg.start_soon(outbox.run)
                     if stream.expires_at is not None:
-                        tg.start_soon(_expire, stream, stream.expires_at)
+                        tg.start_soon(stream.expire)
                     await _live(stream, receive, streams)
                     tg.cancel_scope.cancel()
             else:  # (no task group: an idle socket costs as little as it can)
@@ -179,11 +180,6 @@ async def _refuse(
     await send(_accept(handshake))
     await send(WIRE.close(refusal.code, refusal.reason))
     streams.counters.count(streams.counters.closes, refusal.code)
-
-
-async def _expire(stream: Stream, expires_at: float) -> None:
-    await anyio.sleep(expires_at - time.time())
-    stream.close(protocol.TOKEN_EXPIRED)
 
 
 async def _read(stream: Stream, receive: Receive, streams: Streams) -> None:
