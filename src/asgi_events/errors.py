@@ -15,5 +15,6 @@ class BackendUnavailableError(AsgiEventsError, ConnectionError):
     """The backend (e.g. Redis) did not confirm the event in time.
 
     It may still have been published (a timeout can cut the reply, not the work): retrying
-    delivers it again, with a new id.
+    delivers it again, with a new id, unless the retry passes the same ``idempotency_key``
+    (``EventHub.broadcast``) within ``buffer_max_age``.
     """

@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from . import codec, latest, protocol
+from . import codec, idempotency, latest, protocol
 from .auth import Authenticator
 from .backends.base import Backend
 from .backends.memory import MemoryBackend
@@ -160,7 +160,9 @@ class EventHub:
         """Seconds each ``broadcast`` and ``broadcast_to_all`` call took (for metrics)."""
         return self._latency
 
-    async def broadcast(self, user_id: str, event: Event) -> str | None:
+    async def broadcast(
+        self, user_id: str, event: Event, *, idempotency_key: str | None = None
+    ) -> str | None:
         """Send ``event`` to every socket of ``user_id`` and buffer it for replay; its id (as
         clients receive it), or None for a transient or latest-value type (never buffered).
 
@@ -169,7 +171,18 @@ class EventHub:
         with Redis, once Redis has it (sockets on every node, this one included, get it
         through the subscription).
 
+        With ``idempotency_key`` (a non-empty str of at most 200 characters, e.g. the
+        application's own id of the event), the event is published at most once per user and
+        key within ``buffer_max_age`` seconds: a later call with the same user and key, on any
+        node, returns what the first one returned (its id, or None) and publishes nothing,
+        whatever its event. Two calls racing with one key publish once. So a call that raised
+        ``BackendUnavailableError`` (which may have published all the same) can be retried
+        with its key and never delivers twice. The memory backend keeps at most
+        ``idempotency.MAX_KEYS`` keys (the oldest goes first); Redis keeps each ``buffer_max_age``.
+
         :raises InvalidEventError: ``event`` is not a mapping with a string ``type``, or not JSON.
+        :raises ValueError: ``idempotency_key`` is not a non-empty str of at most 200 characters
+            (valid Unicode).
         :raises BackendUnavailableError: the backend could not take it.
         """
         started = time.perf_counter()
@@ -177,7 +190,12 @@ class EventHub:
         kind = fields["type"]
         path = self._latest.get(kind)
         slot = None if path is None else latest.slot(kind, fields, path)
-        event_id = await self._backend.publish(user_id, fields, kind in self._transient, slot)
+        transient, backend = kind in self._transient, self._backend
+        if idempotency_key is None:  # (as before keys: a backend of the older contract works)
+            event_id = await backend.publish(user_id, fields, transient, slot)
+        else:
+            key = idempotency.check_key(idempotency_key)
+            event_id = await backend.publish(user_id, fields, transient, slot, idempotency_key=key)
         self.streams.counters.events_published += 1
         self._latency.observe(time.perf_counter() - started)
         return event_id

@@ -35,6 +35,15 @@ or the messages they send. The contract, which ``tests/backends/`` checks for ev
   but the backend keeps it as the user's latest value of that slot, replacing the previous
   one, for ``max_age`` seconds at most; ``replay(..., latest=True).latest`` returns the values
   kept, oldest first (by when they were published), as they were delivered.
+- **Idempotency.** ``publish(..., idempotency_key=key)`` publishes at most once per user and
+  key within ``max_age`` seconds of the first call that did: a later call with the same user
+  and key (whatever its event) returns what that first call returned (its id, or None if it was
+  transient) and neither buffers nor delivers anything. The check and the publish are one
+  atomic step, also across nodes: of calls racing with one key, exactly one publishes. The key
+  is recorded in that same step, so a call that failed but published all the same (its reply
+  lost) has recorded it too, and a retry returns its id. The backend documents how many keys
+  it keeps; a key it had to drop publishes again. The hub checks keys before they reach a
+  backend (``idempotency.check_key``: a non-empty str of at most 200 characters).
 - **Disconnect.** ``disconnect(user_id, code, reason)`` reaches every node's bound
   ``disconnect`` callback (this node's included), in order with the user's events: events
   published before it are delivered before it.
@@ -137,14 +146,22 @@ class Backend(Protocol):
         """Stop delivering and release resources."""
 
     async def publish(
-        self, user_id: str, fields: dict[str, Any], transient: bool, latest: str | None = None
+        self,
+        user_id: str,
+        fields: dict[str, Any],
+        transient: bool,
+        latest: str | None = None,
+        *,
+        idempotency_key: str | None = None,
     ) -> str | None:
         """Buffer (unless ``transient``) and deliver an event of one user, on every node; its
         id, or None for a transient one.
 
         ``fields`` are the event's, without ``id``: the backend assigns it. With ``latest`` (a
         slot: the event's type and key, encoded), the event is transient and kept as the
-        user's latest value of that slot.
+        user's latest value of that slot. With ``idempotency_key``, a call of the same user
+        and key within ``max_age`` of the first one that published returns what that one
+        returned and publishes nothing (see the module: *Idempotency*).
 
         :raises BackendUnavailableError: the event could not be published.
         """

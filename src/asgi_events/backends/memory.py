@@ -11,6 +11,7 @@ from anyio.abc import TaskGroup
 
 from .. import codec
 from ..buffer import Entry, ReplayLog, Resume
+from ..idempotency import IdempotencyKeys
 from ..latest import LatestValues
 from ..protocol import ResumePoint
 from ..types import Clock
@@ -19,12 +20,17 @@ from .base import Deliver, Disconnect, Lost, Published, Replay
 
 class MemoryBackend:
     """Buffers in this process: per user at most ``size`` events for ``max_age`` seconds, and
-    at most ``max_users`` users (least recently used out first)."""
+    at most ``max_users`` users (least recently used out first).
+
+    Idempotency keys are kept ``max_age`` seconds from their first publish, at most
+    ``idempotency.MAX_KEYS`` of them over every user (the oldest goes first: a retry of a key
+    dropped so publishes again)."""
 
     def __init__(self, clock: Clock = time.monotonic) -> None:
         self._clock = clock
         self._log = ReplayLog(size=200, max_age=300.0)
         self._latest = LatestValues(max_age=300.0)
+        self._keys = IdempotencyKeys(max_age=300.0)
         self._deliver: Deliver | None = None
         self._disconnect: Disconnect | None = None
         self._present: dict[str, int] = {}
@@ -44,6 +50,7 @@ class MemoryBackend:
         self._deliver, self._disconnect = deliver, disconnect
         self._log = ReplayLog(size=size, max_age=max_age, max_users=max_users)
         self._latest = LatestValues(max_age=max_age, max_users=max_users)
+        self._keys = IdempotencyKeys(max_age=max_age)
 
     async def start(self, task_group: TaskGroup) -> None:
         task_group.start_soon(self._expire)
@@ -58,20 +65,36 @@ class MemoryBackend:
             now = self._clock()
             self._log.prune(now)
             self._latest.prune(now)
+            self._keys.prune(now)
 
     async def publish(
-        self, user_id: str, fields: dict[str, Any], transient: bool, latest: str | None = None
+        self,
+        user_id: str,
+        fields: dict[str, Any],
+        transient: bool,
+        latest: str | None = None,
+        *,
+        idempotency_key: str | None = None,
     ) -> str | None:
+        # No await before the event is buffered and its key recorded: racing calls with one
+        # key find it.
+        now = self._clock()
+        if idempotency_key is not None:
+            seen = self._keys.get(user_id, idempotency_key, now)
+            if seen is not None:
+                return seen.id
         if transient or latest is not None:
             published = Published(user_id, codec.encode(fields))
             if latest is not None:
-                self._latest.set(user_id, latest, published.text, self._clock())
+                self._latest.set(user_id, latest, published.text, now)
         else:
             seq, fields["id"] = self._log.assign()
             text = codec.encode(fields)
             timestamp = codec.parse_timestamp(fields["timestamp"])
-            self._log.append(user_id, seq, text, timestamp, self._clock())
+            self._log.append(user_id, seq, text, timestamp, now)
             published = Published(user_id, text, fields["id"], seq)
+        if idempotency_key is not None:
+            self._keys.record(user_id, idempotency_key, published.id, now)
         assert self._deliver is not None
         await self._deliver(published)
         return published.id
@@ -120,6 +143,7 @@ class MemoryBackend:
         log = self._log
         self._log = ReplayLog(size=log.size, max_age=log.max_age, max_users=log.max_users)
         self._latest = LatestValues(max_age=log.max_age, max_users=log.max_users)
+        self._keys = IdempotencyKeys(max_age=log.max_age)
 
     def stats(self) -> dict[str, Any]:
         buffered_events, buffered_users = self._log.stats()

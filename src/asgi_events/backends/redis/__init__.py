@@ -199,16 +199,26 @@ class RedisBackend:
         await self._presence.leave()
 
     async def publish(
-        self, user_id: str, fields: dict[str, Any], transient: bool, latest: str | None = None
+        self,
+        user_id: str,
+        fields: dict[str, Any],
+        transient: bool,
+        latest: str | None = None,
+        *,
+        idempotency_key: str | None = None,
     ) -> str | None:
+        """Buffer (unless transient) and publish, in one script (see ``backends.base``). An
+        idempotency key is read and recorded by that script (``PX`` the buffer's max age)."""
+        storage, key = self._storage, idempotency_key
         if latest is not None:
-            await self._call(self._storage.publish_latest, user_id, latest, codec.encode(fields))
-        elif transient:
-            message = routing.unbuffered(user_id, codec.encode(fields))
-            await self._call(self._storage.publish, message)
-        else:
-            return await self._call(self._storage.append, user_id, fields)
-        return None
+            text = codec.encode(fields)
+            return await self._call(storage.publish_latest, user_id, latest, text, key)
+        if transient and key is not None:
+            return await self._call(storage.publish_once, user_id, key, codec.encode(fields))
+        if transient:
+            await self._call(storage.publish, routing.unbuffered(user_id, codec.encode(fields)))
+            return None
+        return await self._call(storage.append, user_id, fields, key)
 
     async def publish_to_all(self, text: str) -> None:
         await self._call(self._storage.publish, routing.unbuffered(None, text))

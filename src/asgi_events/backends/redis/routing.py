@@ -3,8 +3,10 @@ Pub/Sub message format.
 
 Keys, per user (one hash slot per user, so a Redis Cluster works): ``<prefix>:{<user>}:events``
 (the stream of buffered events), ``<prefix>:{<user>}:meta`` (epoch, position, what was
-trimmed; see ``storage``), ``<prefix>:{<user>}:latest`` (slot -> the text of its latest value)
-and ``<prefix>:{<user>}:latest-at`` (slot -> when it was set; see ``scripts.PUBLISH_LATEST``).
+trimmed; see ``storage``), ``<prefix>:{<user>}:latest`` (slot -> the text of its latest value),
+``<prefix>:{<user>}:latest-at`` (slot -> when it was set; see ``scripts.PUBLISH_LATEST``), and
+one string per idempotency key, ``<prefix>:{<user>}:idem:<key>`` (what its first publish
+returned: the event's id, empty for a transient one; it expires ``max_age`` after it).
 Presence, per node: ``<prefix>:{presence}:node:<node>`` (user -> streams) and the set of nodes
 ``<prefix>:{presence}:nodes`` (see ``presence``). Channels: ``<prefix>:events`` carries every
 event to every node; ``<prefix>:heartbeat:<node>`` carries one node's heartbeats back to itself
@@ -99,6 +101,12 @@ DISCONNECT = "!disconnect"
 def user_keys(prefix: str, user_id: str) -> UserKeys:
     tag = f"{prefix}:{{{user_id}}}"
     return UserKeys(f"{tag}:events", f"{tag}:meta", f"{tag}:latest", f"{tag}:latest-at")
+
+
+def idempotency_key(prefix: str, user_id: str, key: str) -> str:
+    """Where the first publish of an idempotency key of ``user_id`` is recorded (in the
+    user's hash slot, so the scripts that publish may read and write it)."""
+    return f"{prefix}:{{{user_id}}}:idem:{key}"
 
 
 def presence_keys(prefix: str) -> tuple[str, str]:

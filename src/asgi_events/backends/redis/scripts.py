@@ -20,6 +20,12 @@ hash outlives the stream, so a user idle past the age bound still resumes exactl
 Latest values are kept and published in one script too (``PUBLISH_LATEST``), and read in the
 replay's script, so a connecting stream gets either a value (read with its position) or the
 live message that replaces it, never neither. ``PRESENCE`` writes one node's presence counts.
+
+Idempotency keys (``routing.idempotency_key``) are read and written by the script that
+publishes (``APPEND``, ``PUBLISH_LATEST``, and ``PUBLISH_ONCE`` for a transient event): a key
+found means a publish of it already happened, and the script returns what that one returned
+and does nothing else; otherwise it publishes and records the key (``PX`` max_age). Being in
+the same script, two calls racing with one key publish once, on any nodes.
 """
 
 from __future__ import annotations
@@ -82,6 +88,10 @@ end
 APPEND = (
     LIB
     + """
+if KEYS[3] then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then return {seen} end
+end
 local epoch, last, trimmed, why = meta(KEYS[2], ARGV[8])
 if redis.call('EXISTS', KEYS[1]) == 0 and newer(last, trimmed) then
   trimmed, why = last, 'expired'
@@ -92,13 +102,16 @@ redis.call('HSET', KEYS[2], 'l', id, 't', trimmed, 'w', why)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PUBLISH', ARGV[6], ARGV[7] .. '\\n' .. epoch .. '.' .. id .. '\\n' .. ARGV[4])
+if KEYS[3] then redis.call('SET', KEYS[3], epoch .. '.' .. id, 'PX', ARGV[2]) end
 return {epoch, id}
 """
 )
-"""Buffer one event and publish it. KEYS: stream, meta. ARGV: size, max_age_ms, meta_ttl_ms,
-the encoded event without id, its timestamp, the channel, the message header (``routing``),
-a fresh epoch (used if the user has none). The stream entry's fields: ``b`` the encoded event
-without id, ``t`` its own timestamp. Returns ``{epoch, stream id}``: the event's id."""
+"""Buffer one event and publish it. KEYS: stream, meta, and the idempotency key if there is
+one. ARGV: size, max_age_ms, meta_ttl_ms, the encoded event without id, its timestamp, the
+channel, the message header (``routing``), a fresh epoch (used if the user has none). The
+stream entry's fields: ``b`` the encoded event without id, ``t`` its own timestamp. Returns
+``{epoch, stream id}``: the event's id; or, if the idempotency key was there, ``{what it
+holds}`` (the first publish's id, empty if that was transient) and nothing was done."""
 
 REPLAY = (
     LIB
@@ -135,6 +148,10 @@ latest values' texts (oldest first)}``."""
 PUBLISH_LATEST = (
     LATEST_LIB
     + """
+if KEYS[3] then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then return seen end
+end
 local now, max_age = micros(), tonumber(ARGV[3])
 local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', score(now - max_age))
 if #old > 0 then
@@ -154,14 +171,29 @@ local ttl_ms = score(math.ceil((at - now + max_age) / 1000))
 redis.call('PEXPIRE', KEYS[1], ttl_ms)
 redis.call('PEXPIRE', KEYS[2], ttl_ms)
 redis.call('PUBLISH', ARGV[5], ARGV[6])
+if KEYS[3] then redis.call('SET', KEYS[3], '', 'PX', ARGV[7]) end
+return false
 """
 )
 """Keep an event as the user's latest value of a slot, and publish it (transient). KEYS:
 latest (slot -> text), latest-at (slot -> when set, in microseconds of Redis' clock, strictly
-increasing per user so that the order of updates is kept within a microsecond too). ARGV: the
-slot, the event's text, max_age_us, the most slots kept (the least recently updated go), the
-channel, the message (``routing.unbuffered``). Values set ``max_age`` ago or earlier are
-dropped; both keys expire with the newest value."""
+increasing per user so that the order of updates is kept within a microsecond too), and the
+idempotency key if there is one. ARGV: the slot, the event's text, max_age_us, the most slots
+kept (the least recently updated go), the channel, the message (``routing.unbuffered``),
+max_age_ms. Values set ``max_age`` ago or earlier are dropped; both keys expire with the
+newest value. Returns nil; or, if the idempotency key was there, what it holds (and nothing
+was done)."""
+
+PUBLISH_ONCE = """
+local seen = redis.call('GET', KEYS[1])
+if seen then return seen end
+redis.call('SET', KEYS[1], '', 'PX', ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return false
+"""
+"""Publish a transient event unless its idempotency key was there. KEYS: the idempotency key.
+ARGV: max_age_ms, the channel, the message (``routing.unbuffered``). Returns nil; or, if the
+key was there, what it holds (and nothing was published)."""
 
 PRESENCE = """
 local t = redis.call('TIME')

@@ -15,6 +15,11 @@ the lost data set are recognised as foreign, never misread.
 A user's latest values are a hash ``<prefix>:{<user>}:latest`` (slot -> the text delivered live)
 beside a sorted set ``<prefix>:{<user>}:latest-at`` (slot -> when it was set, by Redis' clock):
 at most ``LATEST_PER_USER`` slots (the least recently updated go), none older than ``max_age``.
+
+An idempotency key of a user is a string ``<prefix>:{<user>}:idem:<key>`` holding what its
+first publish returned (the id, empty for a transient event), expiring ``max_age`` after it;
+the script that publishes reads and writes it (``scripts``). There is no bound on how many
+keys Redis holds besides that expiry (and Redis' own ``maxmemory`` policy).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class Storage:
         self._append: Script[str] | None = None
         self._replay: Script[str] | None = None
         self._latest: Script[str] | None = None
+        self._once: Script[str] | None = None
 
     def attach(self, client: coredis.Redis[str]) -> None:
         """Use ``client`` for every command from now on (until ``detach``)."""
@@ -62,15 +68,23 @@ class Storage:
         self._append = client.register_script(scripts.APPEND)
         self._replay = client.register_script(scripts.REPLAY)
         self._latest = client.register_script(scripts.PUBLISH_LATEST)
+        self._once = client.register_script(scripts.PUBLISH_ONCE)
 
     def detach(self) -> None:
-        self._client = self._append = self._replay = self._latest = None
+        self._client = self._append = self._replay = self._latest = self._once = None
 
     def keys(self, user_id: str) -> UserKeys:
         return routing.user_keys(self.prefix, user_id)
 
-    async def append(self, user_id: str, fields: dict[str, Any]) -> str:
-        """Buffer an event and publish it, in one script (which assigns its id); its id."""
+    def idempotency_key(self, user_id: str, key: str) -> str:
+        return routing.idempotency_key(self.prefix, user_id, key)
+
+    async def append(
+        self, user_id: str, fields: dict[str, Any], idempotency_key: str | None = None
+    ) -> str | None:
+        """Buffer an event and publish it, in one script (which assigns its id); its id. With
+        ``idempotency_key``, if that key was published already, what that publish returned
+        instead, and nothing is done."""
         timestamp = fields.get("timestamp")
         args: list[str | int] = [
             self.size,
@@ -82,17 +96,35 @@ class Storage:
             routing.header(user_id),
             secrets.token_hex(8),
         ]
-        keys = self.keys(user_id)
-        reply: Any = await _running(self._append)(keys=[keys.stream, keys.meta], args=args)
+        user_keys = self.keys(user_id)
+        keys = [user_keys.stream, user_keys.meta]
+        if idempotency_key is not None:
+            keys.append(self.idempotency_key(user_id, idempotency_key))
+        reply: Any = await _running(self._append)(keys=keys, args=args)
+        if len(reply) == 1:  # the key was there
+            return _seen(reply[0])
         return make_id(str(reply[0]), str(reply[1]))
 
-    async def publish_latest(self, user_id: str, slot: str, text: str) -> None:
+    async def publish_latest(
+        self, user_id: str, slot: str, text: str, idempotency_key: str | None = None
+    ) -> str | None:
         """Keep ``text`` as the user's latest value of ``slot`` and publish it (transient), in
-        one script."""
-        keys = self.keys(user_id)
+        one script; None. With ``idempotency_key``, if that key was published already, what
+        that publish returned instead, and nothing is done."""
+        user_keys = self.keys(user_id)
+        keys = [user_keys.latest, user_keys.latest_at]
+        if idempotency_key is not None:
+            keys.append(self.idempotency_key(user_id, idempotency_key))
         args: list[str | int] = [slot, text, self.max_age_ms * 1000, LATEST_PER_USER]
-        args += [self.channel, routing.unbuffered(user_id, text)]
-        await _running(self._latest)(keys=[keys.latest, keys.latest_at], args=args)
+        args += [self.channel, routing.unbuffered(user_id, text), self.max_age_ms]
+        return _seen(await _running(self._latest)(keys=keys, args=args))
+
+    async def publish_once(self, user_id: str, idempotency_key: str, text: str) -> str | None:
+        """Publish a transient event of ``user_id`` unless ``idempotency_key`` was published
+        already (then return what that publish returned); None."""
+        keys = [self.idempotency_key(user_id, idempotency_key)]
+        args: list[str | int] = [self.max_age_ms, self.channel, routing.unbuffered(user_id, text)]
+        return _seen(await _running(self._once)(keys=keys, args=args))
 
     async def publish(self, message: str) -> None:
         """Publish a message that is not buffered (see ``routing.unbuffered``)."""
@@ -165,6 +197,12 @@ def _published(user_id: str, epoch: str, stream_id: str, body: str) -> Published
 
 def _added_after(key: StreamKey, since: datetime) -> bool:
     return key[0] > since.timestamp() * 1000
+
+
+def _seen(reply: Any) -> str | None:
+    """What an idempotency key holds, as the publish returns it: an id, or None (empty: the
+    first publish was transient; nil: there was no key)."""
+    return str(reply) if reply else None
 
 
 def _running(script: Script[str] | None) -> Script[str]:
