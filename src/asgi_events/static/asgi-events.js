@@ -108,6 +108,7 @@ export class EventsClient {
     this._halt();
     this.wanted = true;
     this.attempt = 0;
+    this._firstTry();
     this._open();
     return this;
   }
@@ -254,12 +255,16 @@ export class EventsClient {
     } else if (!RETRY.has(code)) {
       return this._stop("stopped", { code, reason });
     }
-    // "auto": until a connection has opened, every attempt tries the socket first.
-    if (this.options.transport === "auto" && this.firstOpened == null) this.transport = "websocket";
+    this._firstTry();
     const { initial = 500, max = 30000 } = this.options.backoff ?? {};
     const retryIn = Math.random() * Math.min(max, initial * 2 ** this.attempt++);
     this._status("closed", { code, reason, retryIn });
     this.timer = setTimeout(() => this._open(), retryIn);
+  }
+
+  /** "auto": until a connection has opened, every attempt tries the socket first. */
+  _firstTry() {
+    if (this.options.transport === "auto" && this.firstOpened == null) this.transport = "websocket";
   }
 
   /** Drop the connection and the timers (its late events are ignored). */
