@@ -209,6 +209,13 @@ async def test_the_client_over_sse_resumes_refreshes_its_token_and_stops_on_4003
         ]
         assert await fresh.js("seen") == [[1, True]]
         assert (await fresh.js("readies"))[0]["replayed"] == 1
+        await hub.disconnect("carol", code=4001, reason="Token expired")  # a fresh token again
+        await fresh.wait_for("readies.length === 2", "carol's ready message after the 4001")
+        assert [s for s in await fresh.js("statuses") if s[0] == "closed"] == [
+            ["closed", 401, None],
+            ["closed", 4001, None],
+        ]
+        assert (await fresh.js("readies"))[1]["recovered"] and await fresh.js("seen.length") == 1
 
         await tab.wait_for("readies.length === 1", "alice's first ready message")
         ids = [await hub.broadcast("alice", {"type": "N", "payload": n}) for n in range(3)]
