@@ -2,7 +2,9 @@
 
 Run: hypercorn examples.demo:app --bind 127.0.0.1:8000
 Then open http://127.0.0.1:8000/?user=alice (or bob, carol; add &in=query to pass the token in
-the query string instead of the subprotocol).
+the query string instead of the subprotocol, and &transport=sse for Server-Sent Events instead of
+the WebSocket, or &transport=auto for a WebSocket that falls back to SSE; the page's Transport
+menu switches too).
 
 The page (demo.html) uses the browser client the middleware serves at /ws/client.js: it shows
 each job go JOB_STARTED -> progress -> JOB_COMPLETED/JOB_FAILED, its Disconnect/Reconnect

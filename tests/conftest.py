@@ -39,8 +39,9 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 async def serve(anyio_backend: str) -> AsyncIterator[ServeFn]:
     """Start hypercorn (the asyncio or trio worker, as the test's backend) on 127.0.0.1:0.
 
-    With no ``app``, serves ``EventsMiddleware(http_app, hub=hub)``. Returns once lifespan
-    startup is complete; every server is stopped at the end of the test.
+    With no ``app``, serves ``EventsMiddleware(http_app, hub=hub)``; ``port=`` binds that port
+    instead (a restart on the port of a stopped server). Returns once lifespan startup is
+    complete; every server is stopped at the end of the test.
     """
     servers: list[Server] = []
     async with anyio.create_task_group() as tg:
@@ -51,8 +52,11 @@ async def serve(anyio_backend: str) -> AsyncIterator[ServeFn]:
             if app is None:
                 hub = hub or EventHub(users)
                 app = EventsMiddleware(http_app, hub=hub)
+            port = config.pop("port", 0)
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
+            if port:  # the last server's connections on it may be in TIME_WAIT
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
             sock.listen(1024)
             server = Server(sock.getsockname()[1], hub)
             cfg = Config()

@@ -13,8 +13,11 @@
  * Options (all optional):
  *   url          the socket, ws(s):// or http(s)://; default: this module's URL without
  *                "/client.js" (so a page importing /ws/client.js connects to /ws)
+ *   transport    "websocket" (the default), "sse" or "auto" (see Transports below)
  *   token        the credential; tokenIn: "subprotocol" (default: offered as
- *                "asgi-events.token.<token>", kept out of URLs and logs) or "query" (?token=)
+ *                "asgi-events.token.<token>", kept out of URLs and logs) or "query" (?token=).
+ *                Over SSE it is always sent as ?token= (see Transports)
+ *   withCredentials  SSE only: send cookies to a server of another origin (EventSource's option)
  *   lastEventId  where the first connection resumes from (later ones resume from the position)
  *   lastEventTs  without lastEventId: replay the events newer than this (Date or ISO string)
  *   onEvent(event, {replayed})  every event with an id at most once; `replayed` before the
@@ -25,18 +28,37 @@
  *   onReady(ready)  after each connection's replay: {position, recovered, replayed, reason?, oldest?}
  *   onGap(ready)    the same, when `recovered` is false (reason "evicted", "expired", "epoch"
  *                   or "unknown"; `oldest` is the oldest id resumable now)
- *   onStatus(status, detail)  "connecting" {attempt}, "open", "closed" {code, reason, retryIn}
- *                   (a retry is scheduled), "paused", "stopped" {code, reason} (a final close,
- *                   see below) or {error}
- *   refreshToken({code, reason})  on 4001, or 1008 "Authentication failed": a fresh token (or a
- *                                 promise of one) to reconnect
- *                   with; null/undefined (or no hook) stops the client
- *   ping         ms between "ping" keepalives (0: none, the default); with it, a socket that
- *                hears nothing for two intervals is dropped and reconnected
+ *   onStatus(status, detail)  "connecting" {attempt, transport}, "open" {transport},
+ *                   "closed" {code, reason, retryIn} (a retry is scheduled), "paused",
+ *                   "stopped" {code, reason} (a final close, see below) or {error}
+ *   refreshToken({code, reason})  on 4001, or 1008 "Authentication failed" (over SSE: an HTTP
+ *                   refusal, reported as 401 "Refused"): a fresh token (or a promise of one) to
+ *                   reconnect with; null/undefined (or no hook) stops the client
+ *   ping         WebSocket only: ms between "ping" keepalives (0: none, the default); with it,
+ *                a socket that hears nothing for two intervals is dropped and reconnected
  *   backoff      {initial: 500, max: 30000}: ms, exponential with full jitter, reset on ready
  *
- * Always offers "asgi-events.v1" (control messages). Ids already delivered are dropped if they
- * ever come again. Close codes (the close table of protocol.py):
+ * Transports (`client.transport` is the one in use, "websocket" or "sse"):
+ *   websocket  one WebSocket; always offers "asgi-events.v1" (control messages).
+ *   sse        Server-Sent Events: the browser's EventSource on the same URL, as http(s)://.
+ *              EventSource cannot send headers, so the token goes in the query (?token=),
+ *              whatever tokenIn says, and URLs end up in proxy and server access logs. Where
+ *              that matters, pass no token and authenticate by a cookie instead (the hub's
+ *              `authenticate`), with the middleware's allowed_origins set. The client manages
+ *              reconnects itself, as for the socket (same backoff, same callbacks, resuming
+ *              with ?lastEventId=<position>): the browser's own reconnect is cut short, so that
+ *              a fresh token can go in the URL, the close codes below are followed, and every
+ *              retry is reported. The server's close codes arrive as "asgi_events.close"
+ *              events; a stream refused with an HTTP status (the server's are 401 for a token
+ *              and 403 for an Origin; EventSource does not say which) counts as 401 "Refused"
+ *              (refreshToken, else stopped), and a stream that drops as 1006.
+ *   auto       a WebSocket, falling back to SSE at once when it fails before it opened and no
+ *              connection has opened yet (a proxy that strips upgrades): until one opens, each
+ *              attempt tries the socket first. Once a WebSocket has opened it never falls back;
+ *              once an event stream has opened it stays on SSE.
+ *
+ * Ids already delivered are dropped if they ever come again. Close codes (the close table of
+ * protocol.py):
  *   1001, 1005, 1006, 1011, 1012, 1013, 1014, 4002: reconnect after the backoff, resuming with
  *         lastEventId (onStatus "closed")
  *   4001, 1008 "Authentication failed": refreshToken, then reconnect; no token: final
@@ -50,6 +72,9 @@
  */
 
 const V1 = "asgi-events.v1";
+const READY = "asgi_events.ready"; // (an SSE event name, and the type of its data)
+const CLOSE = "asgi_events.close"; // SSE: why the server ends a stream, {code, reason}
+const TRANSPORTS = ["websocket", "sse", "auto"];
 const RETRY = new Set([1001, 1005, 1006, 1011, 1012, 1013, 1014, 4002]);
 // Any other code, but an auth one, is final: 1000, 4003 "Disconnected" (hub.disconnect), ...
 // 1008 is also "Too many connections" and "Rate limit exceeded": only its auth reason refreshes.
@@ -58,12 +83,19 @@ const SEEN = 1024; // delivered ids remembered, to never deliver one twice
 
 export class EventsClient {
   constructor(options = {}) {
-    this.options = { tokenIn: "subprotocol", ping: 0, ...options };
+    this.options = { tokenIn: "subprotocol", ping: 0, transport: "websocket", ...options };
+    if (!TRANSPORTS.includes(this.options.transport)) {
+      throw new TypeError(`transport must be one of ${TRANSPORTS.join(", ")}`);
+    }
     this.url = toWs(options.url ?? import.meta.url.replace(/\/client\.js([?#].*)?$/, ""));
     this.token = options.token ?? null;
     this.position = options.lastEventId ?? null; // the id we are current up to
     this.status = "idle";
+    this.transport = this.options.transport === "sse" ? "sse" : "websocket"; // the next one
     this.ws = null;
+    this.es = null;
+    this.opened = false; // whether the current connection opened
+    this.firstOpened = null; // the transport of the first connection that opened ("auto")
     this.wanted = false;
     this.closed = false;
     this.attempt = 0;
@@ -76,6 +108,7 @@ export class EventsClient {
     this._halt();
     this.wanted = true;
     this.attempt = 0;
+    this._firstTry();
     this._open();
     return this;
   }
@@ -92,6 +125,9 @@ export class EventsClient {
   }
 
   _open() {
+    this.opened = false;
+    this.replaying = true;
+    if (this.transport === "sse") return this._openEvents();
     const url = new URL(this.url);
     const protocols = [V1];
     if (this.token != null && this.options.tokenIn === "query") {
@@ -99,10 +135,8 @@ export class EventsClient {
     } else if (this.token != null) {
       protocols.push(`asgi-events.token.${this.token}`);
     }
-    const since = this.options.lastEventTs;
-    if (this.position != null) url.searchParams.set("lastEventId", this.position);
-    else if (since != null) url.searchParams.set("lastEventTs", since.toISOString?.() ?? since);
-    this._status("connecting", { attempt: this.attempt });
+    this._resumeFrom(url);
+    this._status("connecting", { attempt: this.attempt, transport: "websocket" });
     let ws;
     try {
       ws = new WebSocket(url, protocols);
@@ -110,16 +144,44 @@ export class EventsClient {
       return this._stop("stopped", { error }); // e.g. a token that is no valid subprotocol
     }
     this.ws = ws;
-    this.replaying = true;
     this.heard = Date.now();
     ws.onopen = () => ws === this.ws && this._opened(ws);
     ws.onmessage = (message) => ws === this.ws && this._message(message.data);
-    ws.onclose = (event) => ws === this.ws && this._closed(event.code, event.reason);
+    ws.onclose = (event) => ws === this.ws && this._socketClosed(event.code, event.reason);
+  }
+
+  _openEvents() {
+    const url = new URL(this.url);
+    url.protocol = url.protocol.replace(/^ws/, "http");
+    if (this.token != null) url.searchParams.set("token", this.token); // no headers: see above
+    this._resumeFrom(url);
+    this._status("connecting", { attempt: this.attempt, transport: "sse" });
+    let es;
+    try {
+      es = new EventSource(url.href, { withCredentials: Boolean(this.options.withCredentials) });
+    } catch (error) {
+      return this._stop("stopped", { error });
+    }
+    this.es = es;
+    es.onopen = () => es === this.es && this._opened(null);
+    es.onmessage = (message) => es === this.es && this._message(message.data);
+    es.addEventListener(READY, (message) => es === this.es && this._message(message.data));
+    es.addEventListener(CLOSE, (message) => es === this.es && this._closeEvent(message.data));
+    es.onerror = () => es === this.es && this._eventsFailed(es);
+  }
+
+  /** Where the next connection resumes from: the position, else lastEventTs. */
+  _resumeFrom(url) {
+    const since = this.options.lastEventTs;
+    if (this.position != null) url.searchParams.set("lastEventId", this.position);
+    else if (since != null) url.searchParams.set("lastEventTs", since.toISOString?.() ?? since);
   }
 
   _opened(ws) {
-    this._status("open");
-    if (this.options.ping > 0) {
+    this.opened = true;
+    this.firstOpened ??= this.transport;
+    this._status("open", { transport: this.transport });
+    if (ws && this.options.ping > 0) {
       this.pinger = setInterval(() => {
         if (Date.now() - this.heard > 2 * this.options.ping) this._closed(1006, "No pong");
         else ws.send("ping");
@@ -136,7 +198,7 @@ export class EventsClient {
     } catch {
       return;
     }
-    if (event?.type === "asgi_events.ready") {
+    if (event?.type === READY) {
       const ready = event.payload;
       this.replaying = false;
       this.attempt = 0;
@@ -154,9 +216,38 @@ export class EventsClient {
     this.options.onEvent?.(event, { replayed: this.replaying });
   }
 
-  async _closed(code, reason) {
+  _socketClosed(code, reason) {
+    if (this.options.transport === "auto" && !this.opened && this.firstOpened == null) {
+      // The upgrade failed, and no connection has ever opened: perhaps a proxy that strips
+      // upgrades. The same attempt over SSE, at once.
+      this._halt();
+      this._status("closed", { code, reason, retryIn: 0 });
+      this.transport = "sse";
+      return this._open();
+    }
+    this._closed(code, reason);
+  }
+
+  _closeEvent(data) {
+    let close;
+    try {
+      close = JSON.parse(data);
+    } catch {
+      close = {};
+    }
+    this._closed(close?.code ?? 1005, close?.reason ?? "");
+  }
+
+  _eventsFailed(es) {
+    // CLOSED: answered with an error status (or no event stream); the browser gives up.
+    if (es.readyState === EventSource.CLOSED && !this.opened) this._closed(401, "Refused", true);
+    // Else the stream dropped or could not be made: the browser would retry; the backoff does.
+    else this._closed(1006, "");
+  }
+
+  async _closed(code, reason, refresh = isAuth(code, reason)) {
     this._halt();
-    if (isAuth(code, reason)) {
+    if (refresh) {
       const fresh = await this.options.refreshToken?.({ code, reason });
       if (!this.wanted) return; // paused or closed meanwhile
       if (fresh == null) return this._stop("stopped", { code, reason });
@@ -164,19 +255,26 @@ export class EventsClient {
     } else if (!RETRY.has(code)) {
       return this._stop("stopped", { code, reason });
     }
+    this._firstTry();
     const { initial = 500, max = 30000 } = this.options.backoff ?? {};
     const retryIn = Math.random() * Math.min(max, initial * 2 ** this.attempt++);
     this._status("closed", { code, reason, retryIn });
     this.timer = setTimeout(() => this._open(), retryIn);
   }
 
-  /** Drop the socket and the timers (the socket's late events are ignored). */
+  /** "auto": until a connection has opened, every attempt tries the socket first. */
+  _firstTry() {
+    if (this.options.transport === "auto" && this.firstOpened == null) this.transport = "websocket";
+  }
+
+  /** Drop the connection and the timers (its late events are ignored). */
   _halt() {
     clearTimeout(this.timer);
     clearInterval(this.pinger);
-    const ws = this.ws;
-    this.ws = null;
+    const { ws, es } = this;
+    this.ws = this.es = null;
     if (ws && ws.readyState < WebSocket.CLOSING) ws.close(1000);
+    es?.close(); // (before the browser's own reconnect)
   }
 
   _stop(status, detail = {}) {
