@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -83,7 +84,122 @@ class Tally:
         self.pending.clear()
 
 
-class Client(asyncio.Protocol):
+class BaseClient(asyncio.Protocol):
+    """What every load client shares: the request written once connected, and the checks of
+    what arrives (every event exactly once and in order, its latency)."""
+
+    def __init__(self, tally: Tally) -> None:
+        self.tally = tally
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.close_code: int | None = None
+        self.lost_connection = False
+        self._next_seq = 0
+        self._seen = bytearray(tally.events)
+        self._request = b""
+
+    @property
+    def received(self) -> int:
+        return sum(self._seen)
+
+    @property
+    def closed(self) -> bool:
+        """The server closed or dropped the connection (or we did, at the end)."""
+        return self.close_code is not None or self.lost_connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
+        transport.write(self._request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_connection = True
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"closed during the handshake: {exc}"))
+
+    def _refuse(self, problem: str) -> None:
+        """The server did not open the stream as asked: the client fails."""
+        self.opened.set_exception(ConnectionError(problem))
+        assert self.transport is not None
+        self.transport.close()
+
+    def _message(self, fields: re.Match[bytes] | None, now: int) -> None:
+        """A frame of one message (no subprotocol): one event."""
+        tally = self.tally
+        if fields is None:
+            tally.unexpected += 1
+            return
+        tally.frames += 1
+        seq = int(fields[1])
+        if seq != self._next_seq:
+            tally.out_of_order += 1
+        self._next_seq = seq + 1
+        if seq >= tally.events or self._seen[seq]:
+            tally.duplicates += 1
+            return
+        self._seen[seq] = 1
+        tally.latencies_ns.append(now - int(fields[2]))
+        tally.last_ns = now
+        if not tally.received:
+            tally.mark_first()
+        tally.received += 1
+        if tally.received == tally.expected:
+            tally.done.set()
+
+    def _events(self, seq_texts: tuple[bytes, ...], t_texts: tuple[bytes, ...], now: int) -> None:
+        """Several events that arrived together (a batch frame), as the
+        ``seq`` and ``t`` texts the regex found, in the order they came.
+
+        In the regular case (the next events in order, none seen before) no Python code runs per
+        event: the checks compare tuples and search a bytearray, and the latencies are computed
+        after the run (``Tally.settle``), outside the measured window.
+        """
+        tally = self.tally
+        first, n = int(seq_texts[0]), len(seq_texts)
+        seen = self._seen
+        if (
+            first == self._next_seq
+            and seq_texts == tally.seq_texts[first : first + n]
+            and seen.find(1, first, first + n) == -1
+        ):
+            seen[first : first + n] = bytes([1]) * n
+            self._next_seq = first + n
+            tally.pending.append((now, t_texts))
+            new = n
+        else:
+            new = self._irregular(list(map(int, seq_texts)), t_texts, now)
+        if new:
+            tally.last_ns = now
+            if not tally.received:
+                tally.mark_first()
+            tally.received += new
+            if tally.received == tally.expected:
+                tally.done.set()
+
+    def _irregular(self, seqs: list[int], t_texts: tuple[bytes, ...], now: int) -> int:
+        """Events with a gap, a repeat or a reordering: count them event by event."""
+        tally = self.tally
+        seen, expect, events = self._seen, self._next_seq, tally.events
+        latencies = tally.latencies_ns
+        new = 0
+        for seq, t_text in zip(seqs, t_texts, strict=True):
+            if seq != expect:
+                tally.out_of_order += 1
+            expect = seq + 1
+            if seq >= events or seen[seq]:
+                tally.duplicates += 1
+                continue
+            seen[seq] = 1
+            latencies.append(now - int(t_text))
+            new += 1
+        self._next_seq = expect
+        return new
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+class Client(BaseClient):
     """One WebSocket client: the upgrade by hand, then a minimal parser for unmasked frames.
 
     With ``batch`` it offers the ``asgi-events.v1.batch`` subprotocol (and insists the server
@@ -91,17 +207,11 @@ class Client(asyncio.Protocol):
     """
 
     def __init__(self, port: int, token: str, tally: Tally, batch: bool = False) -> None:
-        self.tally = tally
+        super().__init__(tally)
         self.batch = batch
-        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.transport: asyncio.Transport | None = None
-        self.close_code: int | None = None
-        self.lost_connection = False
         self._buffer = bytearray()
         self._fragments: list[bytes] = []
         self._open = False
-        self._next_seq = 0
-        self._seen = bytearray(tally.events)
         key = base64.b64encode(os.urandom(16))
         self._accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
         protocol = f"Sec-WebSocket-Protocol: {BATCH_SUBPROTOCOL.decode()}\r\n" if batch else ""
@@ -114,19 +224,6 @@ class Client(asyncio.Protocol):
 
     def target(self, token: str) -> str:
         return f"{WS_PATH}?token={token}"
-
-    @property
-    def received(self) -> int:
-        return sum(self._seen)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
-        transport.write(self._request)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost_connection = True
-        if not self.opened.done():
-            self.opened.set_exception(ConnectionError(f"closed during the handshake: {exc}"))
 
     def data_received(self, data: bytes) -> None:
         now = time.time_ns()  # every frame in this chunk arrived by now
@@ -182,9 +279,7 @@ class Client(asyncio.Protocol):
             selected = headers.get(b"sec-websocket-protocol")
             problem = f"{BATCH_SUBPROTOCOL.decode()} not selected (got {selected!r})"
         if problem:
-            self.opened.set_exception(ConnectionError(problem))
-            assert self.transport is not None
-            self.transport.close()
+            self._refuse(problem)
             return False
         self._buffer[:] = rest
         self._open = True
@@ -223,36 +318,11 @@ class Client(asyncio.Protocol):
         """A text message ``data[start:end]`` of one event (no batching)."""
         self._message(EVENT_FIELDS.search(data, start, end), now)
 
-    def _message(self, fields: re.Match[bytes] | None, now: int) -> None:
-        """A frame of one message (no subprotocol): one event."""
-        tally = self.tally
-        if fields is None:
-            tally.unexpected += 1
-            return
-        tally.frames += 1
-        seq = int(fields[1])
-        if seq != self._next_seq:
-            tally.out_of_order += 1
-        self._next_seq = seq + 1
-        if seq >= tally.events or self._seen[seq]:
-            tally.duplicates += 1
-            return
-        self._seen[seq] = 1
-        tally.latencies_ns.append(now - int(fields[2]))
-        tally.last_ns = now
-        if not tally.received:
-            tally.mark_first()
-        tally.received += 1
-        if tally.received == tally.expected:
-            tally.done.set()
-
     def _array(self, data: bytes, start: int, end: int, now: int) -> None:
         """A batch frame ``data[start:end]``: a JSON array of messages, each event a delivery.
 
-        No JSON parsing: one regex pass finds every message (``BATCH_MESSAGE``). In the regular
-        case (only events, the next ones in order, none seen before) no Python code runs per
-        event: the checks compare tuples and search a bytearray, and the latencies are computed
-        after the run (``Tally.settle``), outside the measured window.
+        No JSON parsing: one regex pass finds every message (``BATCH_MESSAGE``); the events
+        are checked together (``_events``).
         """
         tally = self.tally
         found = None
@@ -271,45 +341,7 @@ class Client(asyncio.Protocol):
                 return
             seq_texts, t_texts = zip(*events, strict=True)
         tally.frames += 1
-        first, n = int(seq_texts[0]), len(seq_texts)
-        seen = self._seen
-        if (
-            first == self._next_seq
-            and seq_texts == tally.seq_texts[first : first + n]
-            and seen.find(1, first, first + n) == -1
-        ):
-            seen[first : first + n] = bytes([1]) * n
-            self._next_seq = first + n
-            tally.pending.append((now, t_texts))
-            new = n
-        else:
-            new = self._irregular(list(map(int, seq_texts)), t_texts, now)
-        if new:
-            tally.last_ns = now
-            if not tally.received:
-                tally.mark_first()
-            tally.received += new
-            if tally.received == tally.expected:
-                tally.done.set()
-
-    def _irregular(self, seqs: list[int], t_texts: tuple[bytes, ...], now: int) -> int:
-        """A batch frame with a gap, a repeat or a reordering: count them event by event."""
-        tally = self.tally
-        seen, expect, events = self._seen, self._next_seq, tally.events
-        latencies = tally.latencies_ns
-        new = 0
-        for seq, t_text in zip(seqs, t_texts, strict=True):
-            if seq != expect:
-                tally.out_of_order += 1
-            expect = seq + 1
-            if seq >= events or seen[seq]:
-                tally.duplicates += 1
-                continue
-            seen[seq] = 1
-            latencies.append(now - int(t_text))
-            new += 1
-        self._next_seq = expect
-        return new
+        self._events(seq_texts, t_texts, now)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -351,12 +383,13 @@ class SocketIOClient(Client):
             self.transport.write(masked_frame(0x1, text))
 
 
-def client_class(variant: str) -> type[Client]:
+def client_class(variant: str) -> Callable[[int, str, Tally, bool], BaseClient]:
+    """The load client of a variant: (port, token, tally, batch) -> a protocol."""
     return SocketIOClient if variant == SOCKETIO_VARIANT else Client
 
 
 async def open_connection(
-    client: Client, port: int, rcvbuf: int | None = None
+    client: BaseClient, port: int, rcvbuf: int | None = None
 ) -> asyncio.Transport:
     """Connect ``client`` to ``port``; with ``rcvbuf``, SO_RCVBUF is set before connecting (the
     TCP window is agreed on then)."""
@@ -389,7 +422,7 @@ async def connect_all(
     concurrency: int = 64,
     stalled: frozenset[int] = frozenset(),
     stalled_tally: Tally | None = None,
-) -> tuple[list[Client], list[Client]]:
+) -> tuple[list[BaseClient], list[BaseClient]]:
     """Client ``i`` connects to ``ports[i % len(ports)]`` (round robin over the nodes).
 
     ``tally.sockets`` healthy clients and ``len(stalled)`` stalled ones: the clients numbered in
@@ -398,8 +431,8 @@ async def connect_all(
     """
     batch = variant == BATCH_VARIANT
     kind = client_class(variant)
-    healthy: list[Client] = []
-    stopped: list[Client] = []
+    healthy: list[BaseClient] = []
+    stopped: list[BaseClient] = []
     gate = asyncio.Semaphore(concurrency)
     idle_tally = stalled_tally or Tally(0, tally.events, asyncio.Event())
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .clients import Client, Tally, connect_all, stalled_indices
+from .clients import BaseClient, Tally, connect_all, stalled_indices
 from .common import (
     BATCH_VARIANT,
     HTTP_TIMEOUT,
@@ -106,8 +106,8 @@ class Fleet:
 
     nodes: list[ServerProcess]
     redis: RedisProcess | None
-    clients: list[Client] = field(default_factory=list)
-    stalled: list[Client] = field(default_factory=list)
+    clients: list[BaseClient] = field(default_factory=list)
+    stalled: list[BaseClient] = field(default_factory=list)
 
     @property
     def ports(self) -> list[int]:
@@ -117,7 +117,7 @@ class Fleet:
         redis = self.redis.cpu_seconds() if self.redis else 0.0
         return sum(n.cpu_seconds() for n in self.nodes), redis
 
-    def close_clients(self, clients: list[Client]) -> None:
+    def close_clients(self, clients: list[BaseClient]) -> None:
         for client in clients:
             client.close()
 
@@ -279,7 +279,7 @@ async def measure(
         lost=sum(tally.events - c.received for c in f.clients),
         out_of_order=tally.out_of_order,
         duplicates=tally.duplicates,
-        closed=sum(c.close_code is not None or c.lost_connection for c in f.clients),
+        closed=sum(c.closed for c in f.clients),
         server_cpu=servers_cpu / wall,
         server_rss_mb=sum(node_rss),
         node_rss_mb=node_rss,
@@ -360,7 +360,7 @@ async def run_idle(server: str, variant: str, run: int, args: argparse.Namespace
         result = IdleResult(
             variant, run, args.sockets, empty_kb, full_kb, max(0.0, busy - own) / wall
         )
-        closed = sum(c.close_code is not None or c.lost_connection for c in f.clients)
+        closed = sum(c.closed for c in f.clients)
         if closed:
             result.notes.append(f"{closed} sockets closed by the server")
         if result.noisy:
