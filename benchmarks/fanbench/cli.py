@@ -64,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=DESCRIPTION)
     parser.add_argument("--server", choices=SERVERS, default="hypercorn-asyncio")
     parser.add_argument("--mode", choices=MODES, default="burst", help="what to measure")
-    parser.add_argument("--sockets", type=int, help="N WebSocket clients (default 1000; idle 5000)")
+    parser.add_argument(
+        "--sockets", type=int, help="N clients, WebSocket or SSE (default 1000; idle 5000)"
+    )
     parser.add_argument("--events", type=int, help="M events per burst (default 200)")
     parser.add_argument("--payload", type=int, help="pad bytes per event (default 100)")
     parser.add_argument("--runs", type=int, help="runs per variant (default 3)")

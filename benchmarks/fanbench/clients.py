@@ -28,6 +28,10 @@ from .common import (
     READY_TYPE,
     SOCKETIO_PATH,
     SOCKETIO_VARIANT,
+    SSE_CLOSE,
+    SSE_FIRST,
+    SSE_NEXT,
+    SSE_VARIANT,
     STALL_RCVBUF,
     WS_GUID,
     WS_PATH,
@@ -53,16 +57,17 @@ class Tally:
     received: int = 0
     out_of_order: int = 0
     duplicates: int = 0
-    unexpected: int = 0  # frames (batch: messages) that are not one of our events
-    frames: int = 0  # frames that carried at least one of our events
-    ready: int = 0  # asgi_events.ready control messages (batch clients get one each)
+    unexpected: int = 0  # frames (batch: messages; SSE: blocks) that are not one of our events
+    frames: int = 0  # frames (SSE: body chunks) that carried at least one of our events
+    ready: int = 0  # asgi_events.ready control messages (batch and SSE clients get one each)
     last_ns: int = 0
     latencies_ns: list[int] = field(default_factory=list)
     # perf_counter() and the load process's CPU time at the first delivery: the load CPU while
     # delivering (the window also holds the server's queueing, when the clients are idle).
     first_perf: float = 0.0
     first_cpu: float = 0.0
-    # Batch frames: (receive time, the events' "t" fields), turned into latencies after the run.
+    # Batch frames and SSE chunks: (receive time, the events' "t" fields), turned into latencies
+    # after the run.
     pending: list[tuple[int, tuple[bytes, ...]]] = field(default_factory=list)
 
     expected: int = 0
@@ -78,7 +83,8 @@ class Tally:
         self.first_perf, self.first_cpu = time.perf_counter(), load_cpu_seconds()
 
     def settle(self) -> None:
-        """Compute the latencies deferred by batch frames (after the measured window)."""
+        """Compute the latencies deferred by batch frames and SSE chunks (after the measured
+        window)."""
         for now, t_texts in self.pending:
             self.latencies_ns.extend(now - int(t) for t in t_texts)
         self.pending.clear()
@@ -146,7 +152,7 @@ class BaseClient(asyncio.Protocol):
             tally.done.set()
 
     def _events(self, seq_texts: tuple[bytes, ...], t_texts: tuple[bytes, ...], now: int) -> None:
-        """Several events that arrived together (a batch frame), as the
+        """Several events that arrived together (a batch frame, an SSE body chunk), as the
         ``seq`` and ``t`` texts the regex found, in the order they came.
 
         In the regular case (the next events in order, none seen before) no Python code runs per
@@ -383,8 +389,151 @@ class SocketIOClient(Client):
             self.transport.write(masked_frame(0x1, text))
 
 
+class SSEClient(BaseClient):
+    """A Server-Sent Events client: ``GET /ws?token=…`` with ``Accept: text/event-stream``, the
+    body de-chunked incrementally, and each chunk's complete blocks read in one regex pass.
+
+    The server writes everything queued for a stream as one ``http.response.body`` message, and
+    hypercorn and uvicorn (h11) send each as one HTTP/1.1 chunk, so a chunk is a batch of whole
+    blocks (``id: …``/``data: …`` lines, then a blank line): it counts as one frame. A block cut
+    between chunks (not what these servers do) is carried over to the next chunk, so the count
+    stays right anyway. No JSON parsing: ``SSE_NEXT`` reads the start of every block of a chunk
+    in one pass (``SSE_FIRST`` the first one), and the events are checked together, as a batch
+    frame's are. Other blocks (the first chunk's ``retry:``, the ready event, comments, a close
+    event) are told apart only when a chunk has any; anything else is unexpected.
+    """
+
+    def __init__(self, port: int, token: str, tally: Tally, batch: bool = False) -> None:
+        super().__init__(tally)
+        self._request = (
+            f"GET {WS_PATH}?token={token} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+            "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+        ).encode()
+        self._head = bytearray()  # the response head, until it is complete
+        self._open = False
+        self._chunked = False
+        self._size_line = b""  # a chunk-size line cut between reads
+        self._left = 0  # bytes of the current chunk's payload still to come
+        self._crlf = 0  # bytes of the CRLF after a chunk's payload still to skip
+        self._parts: list[bytes] = []  # the current chunk's payload so far, if cut between reads
+        self._carry = b""  # an incomplete block at the end of a chunk
+        self.ended = False  # the response ended (the last chunk)
+
+    @property
+    def closed(self) -> bool:
+        return super().closed or self.ended
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time_ns()  # every chunk completed by this read arrived by now
+        if not self._open:
+            self._head += data
+            head, sep, rest = bytes(self._head).partition(b"\r\n\r\n")
+            if not sep or not self._response(head):
+                return
+            data = rest
+        if self.ended:  # the trailer section after the last chunk: nothing for us
+            return
+        if self._chunked:
+            self._dechunk(data, now)
+        elif data:  # not chunked: the body runs to the end of the connection, a read a chunk
+            self._chunk(data, 0, len(data), now)
+
+    def _response(self, head: bytes) -> bool:
+        lines = head.split(b"\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(b":") for x in lines)}
+        if b" 200 " not in lines[0] + b" ":
+            self._refuse(f"the stream was refused: {lines[0]!r}")
+            return False
+        if not headers.get(b"content-type", b"").startswith(b"text/event-stream"):
+            self._refuse(f"not an event stream: {headers.get(b'content-type')!r}")
+            return False
+        self._chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        self._head.clear()
+        self._open = True
+        self.opened.set_result(None)
+        return True
+
+    def _dechunk(self, data: bytes, now: int) -> None:
+        """The chunked body: ``<hex size>[;ext]\\r\\n<payload>\\r\\n`` …, ``0\\r\\n\\r\\n``."""
+        pos, size = 0, len(data)
+        while pos < size:
+            if self._left:  # inside a chunk's payload
+                end = min(size, pos + self._left)
+                self._left -= end - pos
+                if self._left:  # the rest comes in a later read
+                    self._parts.append(data[pos:end])
+                    return
+                if self._parts:
+                    self._parts.append(data[pos:end])
+                    chunk = b"".join(self._parts)
+                    self._parts.clear()
+                    self._chunk(chunk, 0, len(chunk), now)
+                else:  # the regular case: the whole chunk in this read, read in place
+                    self._chunk(data, pos, end, now)
+                pos, self._crlf = end, 2
+            elif self._crlf:
+                skip = min(self._crlf, size - pos)
+                self._crlf -= skip
+                pos += skip
+            else:  # a chunk-size line
+                eol = data.find(b"\n", pos)
+                if eol < 0:
+                    self._size_line += data[pos:]
+                    return
+                line, self._size_line = self._size_line + data[pos:eol], b""
+                pos = eol + 1
+                self._left = int(line.split(b";", 1)[0], 16)
+                if not self._left:  # the last chunk: the server ended the response
+                    self.ended = True
+                    return
+
+    def _chunk(self, data: bytes, start: int, end: int, now: int) -> None:
+        """One body chunk ``data[start:end]``: its complete blocks, read together."""
+        if self._carry:
+            data, self._carry = self._carry + data[start:end], b""
+            start, end = 0, len(data)
+        if not data.endswith(b"\n\n", start, end):  # a block cut off: keep it for the next
+            last = data.rfind(b"\n\n", start, end)
+            cut = last + 2 if last >= 0 else start
+            self._carry, end = data[cut:end], cut
+            if end == start:
+                return
+        # One tuple per block, in order: the first block's, then the one after each blank line
+        # (the last blank line ends the chunk: nothing after it).
+        found = SSE_NEXT.findall(data, start, end)
+        found.pop()
+        found.insert(0, SSE_FIRST.match(data, start, end).groups(b""))  # type: ignore[union-attr]
+        seq_texts, t_texts, readies = zip(*found, strict=True)
+        if b"" in seq_texts:  # not only events: the ready event, or other blocks
+            events = [(seq, t) for seq, t, _ in found if seq]
+            self._other_blocks(data, start, end, readies, len(found) - len(events))
+            if not events:
+                return
+            seq_texts, t_texts = zip(*events, strict=True)
+        self.tally.frames += 1
+        self._events(seq_texts, t_texts, now)
+
+    def _other_blocks(
+        self, data: bytes, start: int, end: int, readies: tuple[bytes, ...], others: int
+    ) -> None:
+        """``others`` blocks of ``data[start:end]`` are not our events: tell them apart."""
+        tally = self.tally
+        ready = readies.count(READY_TYPE)
+        close = data.count(SSE_CLOSE, start, end)
+        retry = data.startswith(b"retry: ", start, end) + data.count(b"\n\nretry: ", start, end)
+        comments = data.startswith(b":", start, end) + data.count(b"\n\n:", start, end)
+        tally.ready += ready
+        tally.unexpected += others - ready - close - retry - comments
+        if close:
+            at = data.find(SSE_CLOSE, start, end)
+            code = re.search(rb'"code":(\d+)', data[at:end])
+            self.close_code = int(code[1]) if code else 0
+
+
 def client_class(variant: str) -> Callable[[int, str, Tally, bool], BaseClient]:
     """The load client of a variant: (port, token, tally, batch) -> a protocol."""
+    if variant == SSE_VARIANT:
+        return SSEClient
     return SocketIOClient if variant == SOCKETIO_VARIANT else Client
 
 

@@ -24,6 +24,7 @@ from .common import (
     REDIS_NODES,
     REDIS_VARIANT,
     SERVER_READY_WAIT,
+    SSE_VARIANT,
     STALL_FRACTION,
     WARMUP_EVENTS,
     WARMUP_SOCKETS,
@@ -266,7 +267,6 @@ async def measure(
     window_s = max(last_ns - int(answer["start_ns"]), 1) / 1e9
     tally.settle()
     latencies = sorted(tally.latencies_ns)
-    batch = variant == BATCH_VARIANT
     result = RunResult(
         variant=variant,
         run=run,
@@ -303,7 +303,7 @@ async def measure(
         lag_max_ms=float(answer.get("lag_max_ms", float("nan"))),
         notes=notes,
     )
-    add_notes(result, tally, batch, wait, delivered)
+    add_notes(result, tally, variant, wait, delivered)
     return result
 
 
@@ -324,15 +324,16 @@ async def stop_measuring(f: Fleet, timed_out: bool) -> tuple[float, list[int]]:
     return gc_s, gc_runs
 
 
-def add_notes(result: RunResult, tally: Tally, batch: bool, wait: float, delivered: int) -> None:
+def add_notes(result: RunResult, tally: Tally, variant: str, wait: float, delivered: int) -> None:
     if result.timed_out:
         result.notes.append(
             f"timed out after {wait:.1f} s ({delivered:,} of {tally.expected:,} deliveries)"
         )
     if tally.unexpected:
-        what = "messages" if batch else "frames"
+        what = {BATCH_VARIANT: "messages", SSE_VARIANT: "blocks"}.get(variant, "frames")
         result.notes.append(f"{tally.unexpected} unexpected {what}")
-    if batch and tally.ready != tally.sockets:
+    # Batch and SSE clients get the ready message (the others are not sent one).
+    if variant in (BATCH_VARIANT, SSE_VARIANT) and tally.ready != tally.sockets:
         result.notes.append(f"{tally.ready} ready messages for {tally.sockets} clients")
     if result.load_bound:
         result.notes.append("LOAD-BOUND")
