@@ -201,7 +201,7 @@ def print_run(result: RunResult) -> None:
         redis_cpu = f"redis CPU {percent(result.redis_cpu)}  "
     stalled = f" (stalled {result.stalled})" if result.stalled else ""
     print(
-        f"  run {result.run} {result.variant + stalled:<33} "
+        f"  run {result.run} {result.variant + stalled:<33} {result.client:<16} "
         f"{result.deliveries_per_s:>11,.0f} deliveries/s  "
         f"({result.deliveries_per_frame:.1f}/frame)  "
         f"p50 {result.p50_ms:7.1f} ms  p99 {result.p99_ms:7.1f} ms  "
@@ -217,7 +217,8 @@ def print_run(result: RunResult) -> None:
 
 def print_idle(result: IdleResult) -> None:
     print(
-        f"  run {result.run} {result.variant:<33} {result.sockets} idle sockets: RSS "
+        f"  run {result.run} {result.variant:<33} {result.client:<16} "
+        f"{result.sockets} idle sockets: RSS "
         f"{result.empty_kb / 1024:.1f} -> {result.full_kb / 1024:.1f} MB, "
         f"{result.per_socket_kb:.2f} KB per socket  other CPU {result.other_cpu:.0%}  "
         f"{' '.join(result.notes)}",

@@ -537,6 +537,12 @@ def client_class(variant: str) -> Callable[[int, str, Tally, bool], BaseClient]:
     return SocketIOClient if variant == SOCKETIO_VARIANT else Client
 
 
+def load_client(variant: str, loop: str) -> str:
+    """The load client a variant's runs use, and the load process's loop: e.g. ``sse/uvloop``."""
+    kinds = {SSE_VARIANT: "sse", SOCKETIO_VARIANT: "socketio", BATCH_VARIANT: "ws-batch"}
+    return f"{kinds.get(variant, 'ws')}/{loop}"
+
+
 async def open_connection(
     client: BaseClient, port: int, rcvbuf: int | None = None
 ) -> asyncio.Transport:

@@ -181,17 +181,18 @@ def burst_report(args: argparse.Namespace, results: list[RunResult], header: lis
         f"has frames to read; above {LOAD_BOUND:.0%} in either load column the run is "
         "LOAD-BOUND; two nodes: CPU and GC summed, RSS per node):",
         "",
-        "| run | variant | deliveries/s | frames/s | deliveries/frame | window s "
+        "| run | variant | load client | deliveries/s | frames/s | deliveries/frame | window s "
         "| publish call ms | p50 ms | p99 ms | lost | out-of-order | dup | closed | server CPU "
         "| server GC | GC runs | RSS MB | redis CPU | load CPU | load CPU delivering | softirq "
         "| other CPU | notes |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:"
-        "|---:|---:|---:|---:|---|",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:"
+        "|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         rss = "+".join(f"{x:.1f}" for x in r.node_rss_mb)
         lines.append(
-            f"| {r.run} | {r.variant} | {r.deliveries_per_s:,.0f} | {r.frames_per_s:,.0f} "
+            f"| {r.run} | {r.variant} | {r.client or '-'} | {r.deliveries_per_s:,.0f} "
+            f"| {r.frames_per_s:,.0f} "
             f"| {r.deliveries_per_frame:.1f} | {r.window_s:.3f} "
             f"| {r.call_ms:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.lost} | {r.out_of_order} "
             f"| {r.duplicates} | {r.closed} | {r.server_cpu:.0%} | {r.server_gc:.0%} "
@@ -292,12 +293,14 @@ def verdict(ok: bool, goal: str) -> str:
 
 def per_run_table(results: list[RunResult], extra: list[str]) -> list[str]:
     """Every run, in the order run; ``extra``: the mode's own columns (RunResult fields)."""
-    head = ["run", "variant", "deliveries/s", "window s", *extra, "p50 ms", "p99 ms", "max ms"]
+    head = ["run", "variant", "load client", "deliveries/s", "window s", *extra]
+    head += ["p50 ms", "p99 ms", "max ms"]
     head += ["lost", "out-of-order", "dup", "closed", "server CPU", "server peak RSS MB"]
     head += ["load CPU", "load CPU delivering", "other CPU", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        cells = [str(r.run), r.variant, f"{r.deliveries_per_s:,.0f}", f"{r.window_s:.3f}"]
+        cells = [str(r.run), r.variant, r.client or "-", f"{r.deliveries_per_s:,.0f}"]
+        cells += [f"{r.window_s:.3f}"]
         cells += [format_extra(r, name) for name in extra]
         cells += [f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}", f"{r.max_ms:.1f}"]
         cells += [str(r.lost), str(r.out_of_order), str(r.duplicates), str(r.closed)]
@@ -474,13 +477,14 @@ def idle_report(args: argparse.Namespace, results: list[IdleResult], header: lis
         "",
         "Per run, in the order run:",
         "",
-        "| run | variant | RSS empty kB | RSS with N sockets kB | KB per socket | other CPU "
-        "| notes |",
-        "|---:|---|---:|---:|---:|---:|---|",
+        "| run | variant | load client | RSS empty kB | RSS with N sockets kB | KB per socket "
+        "| other CPU | notes |",
+        "|---:|---|---|---:|---:|---:|---:|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r.run} | {r.variant} | {r.empty_kb:,} | {r.full_kb:,} | {r.per_socket_kb:.2f} "
+            f"| {r.run} | {r.variant} | {r.client or '-'} | {r.empty_kb:,} | {r.full_kb:,} "
+            f"| {r.per_socket_kb:.2f} "
             f"| {r.other_cpu:.0%} | {'; '.join(r.notes)} |"
         )
     return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .clients import BaseClient, Tally, connect_all, stalled_indices
+from .clients import BaseClient, Tally, connect_all, load_client, stalled_indices
 from .common import (
     BATCH_VARIANT,
     HTTP_TIMEOUT,
@@ -69,6 +69,7 @@ class RunResult:
     lag_p99_ms: float = float("nan")  # steady mode: how late the publisher was, p99
     lag_max_ms: float = float("nan")
     notes: list[str] = field(default_factory=list)
+    client: str = ""  # the load client and the load process's loop, e.g. "sse/uvloop"
 
     @property
     def load_bound(self) -> bool:
@@ -91,6 +92,7 @@ class IdleResult:
     full_kb: int
     other_cpu: float
     notes: list[str] = field(default_factory=list)
+    client: str = ""  # the load client and the load process's loop, e.g. "sse/uvloop"
 
     @property
     def per_socket_kb(self) -> float:
@@ -208,7 +210,9 @@ async def run_delivery(
         request: dict[str, Any] = {"sockets": shares[0], "events": events, "payload": args.payload}
         if rate is not None:
             request["rate"] = rate
-        return await measure(f, variant, run, request, tally, wait, stall)
+        result = await measure(f, variant, run, request, tally, wait, stall)
+        result.client = load_client(variant, args.load_loop)
+        return result
 
 
 async def measure(
@@ -361,6 +365,7 @@ async def run_idle(server: str, variant: str, run: int, args: argparse.Namespace
         result = IdleResult(
             variant, run, args.sockets, empty_kb, full_kb, max(0.0, busy - own) / wall
         )
+        result.client = load_client(variant, args.load_loop)
         closed = sum(c.closed for c in f.clients)
         if closed:
             result.notes.append(f"{closed} sockets closed by the server")
