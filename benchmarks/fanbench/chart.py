@@ -20,6 +20,7 @@ COLORS = {
     "raw": "#7f7f7f",
     "asgi-events": "#1f77b4",
     "asgi-events-batch": "#2ca02c",
+    "asgi-events-sse": "#d62728",
     "starlette-broadcaster": "#ff7f0e",
     "python-socketio": "#9467bd",
     "asgi-events-redis": "#17becf",

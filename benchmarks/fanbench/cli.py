@@ -64,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=DESCRIPTION)
     parser.add_argument("--server", choices=SERVERS, default="hypercorn-asyncio")
     parser.add_argument("--mode", choices=MODES, default="burst", help="what to measure")
-    parser.add_argument("--sockets", type=int, help="N WebSocket clients (default 1000; idle 5000)")
+    parser.add_argument(
+        "--sockets", type=int, help="N clients, WebSocket or SSE (default 1000; idle 5000)"
+    )
     parser.add_argument("--events", type=int, help="M events per burst (default 200)")
     parser.add_argument("--payload", type=int, help="pad bytes per event (default 100)")
     parser.add_argument("--runs", type=int, help="runs per variant (default 3)")
@@ -199,7 +201,7 @@ def print_run(result: RunResult) -> None:
         redis_cpu = f"redis CPU {percent(result.redis_cpu)}  "
     stalled = f" (stalled {result.stalled})" if result.stalled else ""
     print(
-        f"  run {result.run} {result.variant + stalled:<33} "
+        f"  run {result.run} {result.variant + stalled:<33} {result.client:<16} "
         f"{result.deliveries_per_s:>11,.0f} deliveries/s  "
         f"({result.deliveries_per_frame:.1f}/frame)  "
         f"p50 {result.p50_ms:7.1f} ms  p99 {result.p99_ms:7.1f} ms  "
@@ -215,7 +217,8 @@ def print_run(result: RunResult) -> None:
 
 def print_idle(result: IdleResult) -> None:
     print(
-        f"  run {result.run} {result.variant:<33} {result.sockets} idle sockets: RSS "
+        f"  run {result.run} {result.variant:<33} {result.client:<16} "
+        f"{result.sockets} idle sockets: RSS "
         f"{result.empty_kb / 1024:.1f} -> {result.full_kb / 1024:.1f} MB, "
         f"{result.per_socket_kb:.2f} KB per socket  other CPU {result.other_cpu:.0%}  "
         f"{' '.join(result.notes)}",

@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -27,6 +28,10 @@ from .common import (
     READY_TYPE,
     SOCKETIO_PATH,
     SOCKETIO_VARIANT,
+    SSE_CLOSE,
+    SSE_FIRST,
+    SSE_NEXT,
+    SSE_VARIANT,
     STALL_RCVBUF,
     WS_GUID,
     WS_PATH,
@@ -52,16 +57,17 @@ class Tally:
     received: int = 0
     out_of_order: int = 0
     duplicates: int = 0
-    unexpected: int = 0  # frames (batch: messages) that are not one of our events
-    frames: int = 0  # frames that carried at least one of our events
-    ready: int = 0  # asgi_events.ready control messages (batch clients get one each)
+    unexpected: int = 0  # frames (batch: messages; SSE: blocks) that are not one of our events
+    frames: int = 0  # frames (SSE: body chunks) that carried at least one of our events
+    ready: int = 0  # asgi_events.ready control messages (batch and SSE clients get one each)
     last_ns: int = 0
     latencies_ns: list[int] = field(default_factory=list)
     # perf_counter() and the load process's CPU time at the first delivery: the load CPU while
     # delivering (the window also holds the server's queueing, when the clients are idle).
     first_perf: float = 0.0
     first_cpu: float = 0.0
-    # Batch frames: (receive time, the events' "t" fields), turned into latencies after the run.
+    # Batch frames and SSE chunks: (receive time, the events' "t" fields), turned into latencies
+    # after the run.
     pending: list[tuple[int, tuple[bytes, ...]]] = field(default_factory=list)
 
     expected: int = 0
@@ -77,13 +83,129 @@ class Tally:
         self.first_perf, self.first_cpu = time.perf_counter(), load_cpu_seconds()
 
     def settle(self) -> None:
-        """Compute the latencies deferred by batch frames (after the measured window)."""
+        """Compute the latencies deferred by batch frames and SSE chunks (after the measured
+        window)."""
         for now, t_texts in self.pending:
             self.latencies_ns.extend(now - int(t) for t in t_texts)
         self.pending.clear()
 
 
-class Client(asyncio.Protocol):
+class BaseClient(asyncio.Protocol):
+    """What every load client shares: the request written once connected, and the checks of
+    what arrives (every event exactly once and in order, its latency)."""
+
+    def __init__(self, tally: Tally) -> None:
+        self.tally = tally
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.close_code: int | None = None
+        self.lost_connection = False
+        self._next_seq = 0
+        self._seen = bytearray(tally.events)
+        self._request = b""
+
+    @property
+    def received(self) -> int:
+        return sum(self._seen)
+
+    @property
+    def closed(self) -> bool:
+        """The server closed or dropped the connection (or we did, at the end)."""
+        return self.close_code is not None or self.lost_connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
+        transport.write(self._request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_connection = True
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"closed during the handshake: {exc}"))
+
+    def _refuse(self, problem: str) -> None:
+        """The server did not open the stream as asked: the client fails."""
+        self.opened.set_exception(ConnectionError(problem))
+        assert self.transport is not None
+        self.transport.close()
+
+    def _message(self, fields: re.Match[bytes] | None, now: int) -> None:
+        """A frame of one message (no subprotocol): one event."""
+        tally = self.tally
+        if fields is None:
+            tally.unexpected += 1
+            return
+        tally.frames += 1
+        seq = int(fields[1])
+        if seq != self._next_seq:
+            tally.out_of_order += 1
+        self._next_seq = seq + 1
+        if seq >= tally.events or self._seen[seq]:
+            tally.duplicates += 1
+            return
+        self._seen[seq] = 1
+        tally.latencies_ns.append(now - int(fields[2]))
+        tally.last_ns = now
+        if not tally.received:
+            tally.mark_first()
+        tally.received += 1
+        if tally.received == tally.expected:
+            tally.done.set()
+
+    def _events(self, seq_texts: tuple[bytes, ...], t_texts: tuple[bytes, ...], now: int) -> None:
+        """Several events that arrived together (a batch frame, an SSE body chunk), as the
+        ``seq`` and ``t`` texts the regex found, in the order they came.
+
+        In the regular case (the next events in order, none seen before) no Python code runs per
+        event: the checks compare tuples and search a bytearray, and the latencies are computed
+        after the run (``Tally.settle``), outside the measured window.
+        """
+        tally = self.tally
+        first, n = int(seq_texts[0]), len(seq_texts)
+        seen = self._seen
+        if (
+            first == self._next_seq
+            and seq_texts == tally.seq_texts[first : first + n]
+            and seen.find(1, first, first + n) == -1
+        ):
+            seen[first : first + n] = bytes([1]) * n
+            self._next_seq = first + n
+            tally.pending.append((now, t_texts))
+            new = n
+        else:
+            new = self._irregular(list(map(int, seq_texts)), t_texts, now)
+        if new:
+            tally.last_ns = now
+            if not tally.received:
+                tally.mark_first()
+            tally.received += new
+            if tally.received == tally.expected:
+                tally.done.set()
+
+    def _irregular(self, seqs: list[int], t_texts: tuple[bytes, ...], now: int) -> int:
+        """Events with a gap, a repeat or a reordering: count them event by event."""
+        tally = self.tally
+        seen, expect, events = self._seen, self._next_seq, tally.events
+        latencies = tally.latencies_ns
+        new = 0
+        for seq, t_text in zip(seqs, t_texts, strict=True):
+            if seq != expect:
+                tally.out_of_order += 1
+            expect = seq + 1
+            if seq >= events or seen[seq]:
+                tally.duplicates += 1
+                continue
+            seen[seq] = 1
+            latencies.append(now - int(t_text))
+            new += 1
+        self._next_seq = expect
+        return new
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+class Client(BaseClient):
     """One WebSocket client: the upgrade by hand, then a minimal parser for unmasked frames.
 
     With ``batch`` it offers the ``asgi-events.v1.batch`` subprotocol (and insists the server
@@ -91,17 +213,11 @@ class Client(asyncio.Protocol):
     """
 
     def __init__(self, port: int, token: str, tally: Tally, batch: bool = False) -> None:
-        self.tally = tally
+        super().__init__(tally)
         self.batch = batch
-        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.transport: asyncio.Transport | None = None
-        self.close_code: int | None = None
-        self.lost_connection = False
         self._buffer = bytearray()
         self._fragments: list[bytes] = []
         self._open = False
-        self._next_seq = 0
-        self._seen = bytearray(tally.events)
         key = base64.b64encode(os.urandom(16))
         self._accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
         protocol = f"Sec-WebSocket-Protocol: {BATCH_SUBPROTOCOL.decode()}\r\n" if batch else ""
@@ -114,19 +230,6 @@ class Client(asyncio.Protocol):
 
     def target(self, token: str) -> str:
         return f"{WS_PATH}?token={token}"
-
-    @property
-    def received(self) -> int:
-        return sum(self._seen)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
-        transport.write(self._request)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost_connection = True
-        if not self.opened.done():
-            self.opened.set_exception(ConnectionError(f"closed during the handshake: {exc}"))
 
     def data_received(self, data: bytes) -> None:
         now = time.time_ns()  # every frame in this chunk arrived by now
@@ -182,9 +285,7 @@ class Client(asyncio.Protocol):
             selected = headers.get(b"sec-websocket-protocol")
             problem = f"{BATCH_SUBPROTOCOL.decode()} not selected (got {selected!r})"
         if problem:
-            self.opened.set_exception(ConnectionError(problem))
-            assert self.transport is not None
-            self.transport.close()
+            self._refuse(problem)
             return False
         self._buffer[:] = rest
         self._open = True
@@ -223,36 +324,11 @@ class Client(asyncio.Protocol):
         """A text message ``data[start:end]`` of one event (no batching)."""
         self._message(EVENT_FIELDS.search(data, start, end), now)
 
-    def _message(self, fields: re.Match[bytes] | None, now: int) -> None:
-        """A frame of one message (no subprotocol): one event."""
-        tally = self.tally
-        if fields is None:
-            tally.unexpected += 1
-            return
-        tally.frames += 1
-        seq = int(fields[1])
-        if seq != self._next_seq:
-            tally.out_of_order += 1
-        self._next_seq = seq + 1
-        if seq >= tally.events or self._seen[seq]:
-            tally.duplicates += 1
-            return
-        self._seen[seq] = 1
-        tally.latencies_ns.append(now - int(fields[2]))
-        tally.last_ns = now
-        if not tally.received:
-            tally.mark_first()
-        tally.received += 1
-        if tally.received == tally.expected:
-            tally.done.set()
-
     def _array(self, data: bytes, start: int, end: int, now: int) -> None:
         """A batch frame ``data[start:end]``: a JSON array of messages, each event a delivery.
 
-        No JSON parsing: one regex pass finds every message (``BATCH_MESSAGE``). In the regular
-        case (only events, the next ones in order, none seen before) no Python code runs per
-        event: the checks compare tuples and search a bytearray, and the latencies are computed
-        after the run (``Tally.settle``), outside the measured window.
+        No JSON parsing: one regex pass finds every message (``BATCH_MESSAGE``); the events
+        are checked together (``_events``).
         """
         tally = self.tally
         found = None
@@ -271,45 +347,7 @@ class Client(asyncio.Protocol):
                 return
             seq_texts, t_texts = zip(*events, strict=True)
         tally.frames += 1
-        first, n = int(seq_texts[0]), len(seq_texts)
-        seen = self._seen
-        if (
-            first == self._next_seq
-            and seq_texts == tally.seq_texts[first : first + n]
-            and seen.find(1, first, first + n) == -1
-        ):
-            seen[first : first + n] = bytes([1]) * n
-            self._next_seq = first + n
-            tally.pending.append((now, t_texts))
-            new = n
-        else:
-            new = self._irregular(list(map(int, seq_texts)), t_texts, now)
-        if new:
-            tally.last_ns = now
-            if not tally.received:
-                tally.mark_first()
-            tally.received += new
-            if tally.received == tally.expected:
-                tally.done.set()
-
-    def _irregular(self, seqs: list[int], t_texts: tuple[bytes, ...], now: int) -> int:
-        """A batch frame with a gap, a repeat or a reordering: count them event by event."""
-        tally = self.tally
-        seen, expect, events = self._seen, self._next_seq, tally.events
-        latencies = tally.latencies_ns
-        new = 0
-        for seq, t_text in zip(seqs, t_texts, strict=True):
-            if seq != expect:
-                tally.out_of_order += 1
-            expect = seq + 1
-            if seq >= events or seen[seq]:
-                tally.duplicates += 1
-                continue
-            seen[seq] = 1
-            latencies.append(now - int(t_text))
-            new += 1
-        self._next_seq = expect
-        return new
+        self._events(seq_texts, t_texts, now)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -351,12 +389,162 @@ class SocketIOClient(Client):
             self.transport.write(masked_frame(0x1, text))
 
 
-def client_class(variant: str) -> type[Client]:
+class SSEClient(BaseClient):
+    """A Server-Sent Events client: ``GET /ws?token=…`` with ``Accept: text/event-stream``, the
+    body de-chunked incrementally, and each chunk's complete blocks read in one regex pass.
+
+    The server writes everything queued for a stream as one ``http.response.body`` message, and
+    hypercorn and uvicorn (h11) send each as one HTTP/1.1 chunk, so a chunk is a batch of whole
+    blocks (``id: …``/``data: …`` lines, then a blank line): it counts as one frame. A block cut
+    between chunks (not what these servers do) is carried over to the next chunk, so the count
+    stays right anyway. No JSON parsing: ``SSE_NEXT`` reads the start of every block of a chunk
+    in one pass (``SSE_FIRST`` the first one), and the events are checked together, as a batch
+    frame's are. Other blocks (the first chunk's ``retry:``, the ready event, comments, a close
+    event) are told apart only when a chunk has any; anything else is unexpected.
+    """
+
+    def __init__(self, port: int, token: str, tally: Tally, batch: bool = False) -> None:
+        super().__init__(tally)
+        self._request = (
+            f"GET {WS_PATH}?token={token} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+            "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+        ).encode()
+        self._head = bytearray()  # the response head, until it is complete
+        self._open = False
+        self._chunked = False
+        self._size_line = b""  # a chunk-size line cut between reads
+        self._left = 0  # bytes of the current chunk's payload still to come
+        self._crlf = 0  # bytes of the CRLF after a chunk's payload still to skip
+        self._parts: list[bytes] = []  # the current chunk's payload so far, if cut between reads
+        self._carry = b""  # an incomplete block at the end of a chunk
+        self.ended = False  # the response ended (the last chunk)
+
+    @property
+    def closed(self) -> bool:
+        return super().closed or self.ended
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time_ns()  # every chunk completed by this read arrived by now
+        if not self._open:
+            self._head += data
+            head, sep, rest = bytes(self._head).partition(b"\r\n\r\n")
+            if not sep or not self._response(head):
+                return
+            data = rest
+        if self.ended:  # the trailer section after the last chunk: nothing for us
+            return
+        if self._chunked:
+            self._dechunk(data, now)
+        elif data:  # not chunked: the body runs to the end of the connection, a read a chunk
+            self._chunk(data, 0, len(data), now)
+
+    def _response(self, head: bytes) -> bool:
+        lines = head.split(b"\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(b":") for x in lines)}
+        if b" 200 " not in lines[0] + b" ":
+            self._refuse(f"the stream was refused: {lines[0]!r}")
+            return False
+        if not headers.get(b"content-type", b"").startswith(b"text/event-stream"):
+            self._refuse(f"not an event stream: {headers.get(b'content-type')!r}")
+            return False
+        self._chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        self._head.clear()
+        self._open = True
+        self.opened.set_result(None)
+        return True
+
+    def _dechunk(self, data: bytes, now: int) -> None:
+        """The chunked body: ``<hex size>[;ext]\\r\\n<payload>\\r\\n`` …, ``0\\r\\n\\r\\n``."""
+        pos, size = 0, len(data)
+        while pos < size:
+            if self._left:  # inside a chunk's payload
+                end = min(size, pos + self._left)
+                self._left -= end - pos
+                if self._left:  # the rest comes in a later read
+                    self._parts.append(data[pos:end])
+                    return
+                if self._parts:
+                    self._parts.append(data[pos:end])
+                    chunk = b"".join(self._parts)
+                    self._parts.clear()
+                    self._chunk(chunk, 0, len(chunk), now)
+                else:  # the regular case: the whole chunk in this read, read in place
+                    self._chunk(data, pos, end, now)
+                pos, self._crlf = end, 2
+            elif self._crlf:
+                skip = min(self._crlf, size - pos)
+                self._crlf -= skip
+                pos += skip
+            else:  # a chunk-size line
+                eol = data.find(b"\n", pos)
+                if eol < 0:
+                    self._size_line += data[pos:]
+                    return
+                line, self._size_line = self._size_line + data[pos:eol], b""
+                pos = eol + 1
+                self._left = int(line.split(b";", 1)[0], 16)
+                if not self._left:  # the last chunk: the server ended the response
+                    self.ended = True
+                    return
+
+    def _chunk(self, data: bytes, start: int, end: int, now: int) -> None:
+        """One body chunk ``data[start:end]``: its complete blocks, read together."""
+        if self._carry:
+            data, self._carry = self._carry + data[start:end], b""
+            start, end = 0, len(data)
+        if not data.endswith(b"\n\n", start, end):  # a block cut off: keep it for the next
+            last = data.rfind(b"\n\n", start, end)
+            cut = last + 2 if last >= 0 else start
+            self._carry, end = data[cut:end], cut
+            if end == start:
+                return
+        # One tuple per block, in order: the first block's, then the one after each blank line
+        # (the last blank line ends the chunk: nothing after it).
+        found = SSE_NEXT.findall(data, start, end)
+        found.pop()
+        found.insert(0, SSE_FIRST.match(data, start, end).groups(b""))  # type: ignore[union-attr]
+        seq_texts, t_texts, readies = zip(*found, strict=True)
+        if b"" in seq_texts:  # not only events: the ready event, or other blocks
+            events = [(seq, t) for seq, t, _ in found if seq]
+            self._other_blocks(data, start, end, readies, len(found) - len(events))
+            if not events:
+                return
+            seq_texts, t_texts = zip(*events, strict=True)
+        self.tally.frames += 1
+        self._events(seq_texts, t_texts, now)
+
+    def _other_blocks(
+        self, data: bytes, start: int, end: int, readies: tuple[bytes, ...], others: int
+    ) -> None:
+        """``others`` blocks of ``data[start:end]`` are not our events: tell them apart."""
+        tally = self.tally
+        ready = readies.count(READY_TYPE)
+        close = data.count(SSE_CLOSE, start, end)
+        retry = data.startswith(b"retry: ", start, end) + data.count(b"\n\nretry: ", start, end)
+        comments = data.startswith(b":", start, end) + data.count(b"\n\n:", start, end)
+        tally.ready += ready
+        tally.unexpected += others - ready - close - retry - comments
+        if close:
+            at = data.find(SSE_CLOSE, start, end)
+            code = re.search(rb'"code":(\d+)', data[at:end])
+            self.close_code = int(code[1]) if code else 0
+
+
+def client_class(variant: str) -> Callable[[int, str, Tally, bool], BaseClient]:
+    """The load client of a variant: (port, token, tally, batch) -> a protocol."""
+    if variant == SSE_VARIANT:
+        return SSEClient
     return SocketIOClient if variant == SOCKETIO_VARIANT else Client
 
 
+def load_client(variant: str, loop: str) -> str:
+    """The load client a variant's runs use, and the load process's loop: e.g. ``sse/uvloop``."""
+    kinds = {SSE_VARIANT: "sse", SOCKETIO_VARIANT: "socketio", BATCH_VARIANT: "ws-batch"}
+    return f"{kinds.get(variant, 'ws')}/{loop}"
+
+
 async def open_connection(
-    client: Client, port: int, rcvbuf: int | None = None
+    client: BaseClient, port: int, rcvbuf: int | None = None
 ) -> asyncio.Transport:
     """Connect ``client`` to ``port``; with ``rcvbuf``, SO_RCVBUF is set before connecting (the
     TCP window is agreed on then)."""
@@ -389,7 +577,7 @@ async def connect_all(
     concurrency: int = 64,
     stalled: frozenset[int] = frozenset(),
     stalled_tally: Tally | None = None,
-) -> tuple[list[Client], list[Client]]:
+) -> tuple[list[BaseClient], list[BaseClient]]:
     """Client ``i`` connects to ``ports[i % len(ports)]`` (round robin over the nodes).
 
     ``tally.sockets`` healthy clients and ``len(stalled)`` stalled ones: the clients numbered in
@@ -398,8 +586,8 @@ async def connect_all(
     """
     batch = variant == BATCH_VARIANT
     kind = client_class(variant)
-    healthy: list[Client] = []
-    stopped: list[Client] = []
+    healthy: list[BaseClient] = []
+    stopped: list[BaseClient] = []
     gate = asyncio.Semaphore(concurrency)
     idle_tally = stalled_tally or Tally(0, tally.events, asyncio.Event())
 

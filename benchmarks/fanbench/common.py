@@ -22,6 +22,7 @@ MODES = ("burst", "steady", "stalled", "idle")
 
 REDIS_VARIANT = "asgi-events-redis"  # two nodes on one redis-server
 BATCH_VARIANT = "asgi-events-batch"  # the asgi-events server; clients offer the batch subprotocol
+SSE_VARIANT = "asgi-events-sse"  # the asgi-events server; clients read Server-Sent Events
 BROADCASTER_VARIANT = "starlette-broadcaster"  # Starlette + broadcaster (memory://)
 SOCKETIO_VARIANT = "python-socketio"  # socketio.AsyncServer + socketio.ASGIApp
 PEER_VARIANTS = (BROADCASTER_VARIANT, SOCKETIO_VARIANT)
@@ -31,16 +32,18 @@ VARIANTS = (
     "raw",
     "asgi-events",
     BATCH_VARIANT,
+    SSE_VARIANT,
     BROADCASTER_VARIANT,
     SOCKETIO_VARIANT,
     REDIS_VARIANT,
 )
 # --quick runs these unless --variants says otherwise (the peers only on asyncio servers).
-QUICK_VARIANTS = ("raw", "asgi-events", BATCH_VARIANT, *PEER_VARIANTS)
+QUICK_VARIANTS = ("raw", "asgi-events", BATCH_VARIANT, SSE_VARIANT, *PEER_VARIANTS)
 REDIS_NODES = 2
 
 # Targets (issue): reported as met / NOT met, never asserted.
 BATCH_GOAL = 2.0  # batched frames >= 2x the raw app under the same burst
+SSE_GOAL = 2.0  # Server-Sent Events (batched body chunks) >= 2x the raw WebSocket app, same burst
 PLAIN_GOAL = 1.0  # plain frames >= 1x the raw app under the same burst
 REDIS_GOAL = 0.7  # two nodes on Redis >= 0.7x one node in memory
 STEADY_P99_GOAL = 1.2  # steady: asgi-events p99 <= 1.2x the raw app's
@@ -65,6 +68,23 @@ BATCH_MESSAGE = re.compile(
     + re.escape(READY_TYPE)
     + rb')")?'
 )
+# Server-Sent Events: the body (de-chunked) is blocks, each ended by a blank line; each of our
+# events is one block, "data: " + the same JSON ("id: ...\n" first if the server gave it an id).
+# SSE_NEXT matches every blank line and reads the start of the block after it: (seq, t, b"") for
+# one of our events, (b"", b"", READY_TYPE) for the ready event (the first one), (b"", b"", b"")
+# for anything else (the first chunk's "retry:", a keepalive comment, a close event, or nothing:
+# the blank line that ends the last block). SSE_FIRST reads a chunk's first block the same way.
+# One pass of each finds every block of a chunk, so the load side stays cheap.
+_SSE_BLOCK = (
+    rb'(?:(?:id: [^\n]*\n)?data: \{"type":"'
+    + re.escape(EVENT_TYPE.encode())
+    + rb'","payload":\{"seq":(\d+),"t":(\d+),|event: ('
+    + re.escape(READY_TYPE)
+    + rb")\n)?"
+)
+SSE_FIRST = re.compile(_SSE_BLOCK)
+SSE_NEXT = re.compile(rb"\n\n" + _SSE_BLOCK)
+SSE_CLOSE = b"event: asgi_events.close\n"  # the server ends the stream: {"code", "reason"}
 SERVER_CPU, LOAD_CPU = 0, 1
 FULL = (1000, 200, 100, 3)  # default sockets, events, payload, runs
 QUICK = (20, 10, 100, 1)
@@ -79,6 +99,7 @@ WARMUP_SOCKETS, WARMUP_EVENTS = 10, 5  # idle mode: the warm-up before the empty
 LOAD_BOUND = 0.90  # a load process busier than this over the window may be the bottleneck
 NOISY = 0.10  # other processes + steal above this share of a core: the run was disturbed
 QUIET = 0.10  # before a run, wait (bounded) until the machine is busy below this, in cores
+QUIET_LOOK = 0.1  # --quiet-wait 0: how long to look at the machine before a run, s
 BENCH_DIR = Path(__file__).resolve().parent.parent
 ENTRY_SCRIPT = BENCH_DIR / "fanout.py"
 RESULTS_DIR = BENCH_DIR / "results"
@@ -211,8 +232,11 @@ def wait_for_quiet(limit: float, sample: float = 0.5) -> float:
     """Wait up to ``limit`` s until the machine's busy CPU is below ``QUIET``; the last level seen.
 
     The machine may be shared (tests running next to the benchmark): a run started while
-    something else is busy measures that as much as the server.
+    something else is busy measures that as much as the server. With ``limit`` 0 (no waiting:
+    smoke runs) one short look, ``QUIET_LOOK`` s, still says how busy it was.
     """
+    if limit <= 0:
+        sample = QUIET_LOOK
     deadline = time.monotonic() + limit
     while True:
         before = sum(machine_busy_seconds())

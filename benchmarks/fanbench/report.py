@@ -26,6 +26,8 @@ from .common import (
     SERVER_CPU,
     SOCKETIO_VARIANT,
     SRC_DIR,
+    SSE_GOAL,
+    SSE_VARIANT,
     STALL_RCVBUF,
     STALL_WAIT_FACTOR,
     STALLED_GOAL,
@@ -34,7 +36,7 @@ from .common import (
 )
 from .runs import IdleResult, RunResult
 
-GOALS = {"asgi-events": PLAIN_GOAL, BATCH_VARIANT: BATCH_GOAL}
+GOALS = {"asgi-events": PLAIN_GOAL, BATCH_VARIANT: BATCH_GOAL, SSE_VARIANT: SSE_GOAL}
 
 
 MEDIAN_KEYS = (
@@ -101,6 +103,12 @@ def ratio_lines(
             f"**{BATCH_VARIANT} / asgi-events deliveries/s (batched frames / one message per "
             f"frame, same server): {ratio:.2f}x**{caveat(BATCH_VARIANT, 'asgi-events')}"
         )
+    if BATCH_VARIANT in rate and SSE_VARIANT in rate:
+        ratio = rate[SSE_VARIANT] / rate[BATCH_VARIANT]
+        lines.append(
+            f"**{SSE_VARIANT} / {BATCH_VARIANT} deliveries/s (SSE body chunks / WebSocket batch "
+            f"frames, same server): {ratio:.2f}x**{caveat(SSE_VARIANT, BATCH_VARIANT)}"
+        )
     if "asgi-events" in rate and REDIS_VARIANT in rate:
         ratio = rate[REDIS_VARIANT] / rate["asgi-events"]
         lines.append(
@@ -153,6 +161,7 @@ def burst_report(args: argparse.Namespace, results: list[RunResult], header: lis
             "variants; frames/s counts the frames that carried events (deliveries/frame is 1 "
             "without batching).",
         ]
+    lines += sse_notes(medians)
     lines += peer_notes(medians)
     if REDIS_VARIANT in medians:
         lines += [
@@ -172,17 +181,18 @@ def burst_report(args: argparse.Namespace, results: list[RunResult], header: lis
         f"has frames to read; above {LOAD_BOUND:.0%} in either load column the run is "
         "LOAD-BOUND; two nodes: CPU and GC summed, RSS per node):",
         "",
-        "| run | variant | deliveries/s | frames/s | deliveries/frame | window s "
+        "| run | variant | load client | deliveries/s | frames/s | deliveries/frame | window s "
         "| publish call ms | p50 ms | p99 ms | lost | out-of-order | dup | closed | server CPU "
         "| server GC | GC runs | RSS MB | redis CPU | load CPU | load CPU delivering | softirq "
         "| other CPU | notes |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:"
-        "|---:|---:|---:|---:|---|",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:"
+        "|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         rss = "+".join(f"{x:.1f}" for x in r.node_rss_mb)
         lines.append(
-            f"| {r.run} | {r.variant} | {r.deliveries_per_s:,.0f} | {r.frames_per_s:,.0f} "
+            f"| {r.run} | {r.variant} | {r.client or '-'} | {r.deliveries_per_s:,.0f} "
+            f"| {r.frames_per_s:,.0f} "
             f"| {r.deliveries_per_frame:.1f} | {r.window_s:.3f} "
             f"| {r.call_ms:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.lost} | {r.out_of_order} "
             f"| {r.duplicates} | {r.closed} | {r.server_cpu:.0%} | {r.server_gc:.0%} "
@@ -215,6 +225,19 @@ def profile_summary(paths: list[Path], limit: int = 25) -> str:
     out.write("\n")
     stats.sort_stats("cumulative").print_stats(limit)
     return out.getvalue()
+
+
+def sse_notes(variants: dict[str, Any]) -> list[str]:
+    if SSE_VARIANT not in variants:
+        return []
+    return [
+        "",
+        f"{SSE_VARIANT}: the asgi-events server (one node, in memory); its clients read Server-"
+        "Sent Events (`GET /ws?token=…` with `Accept: text/event-stream`) instead of a "
+        "WebSocket. The server writes everything queued for a stream as one body chunk (up to "
+        "64 KiB; HTTP/1.1 chunked encoding): frames/s counts the chunks that carried events. "
+        "The baseline is the same raw WebSocket loop as for the other variants.",
+    ]
 
 
 def peer_notes(medians: dict[str, Any]) -> list[str]:
@@ -270,12 +293,14 @@ def verdict(ok: bool, goal: str) -> str:
 
 def per_run_table(results: list[RunResult], extra: list[str]) -> list[str]:
     """Every run, in the order run; ``extra``: the mode's own columns (RunResult fields)."""
-    head = ["run", "variant", "deliveries/s", "window s", *extra, "p50 ms", "p99 ms", "max ms"]
+    head = ["run", "variant", "load client", "deliveries/s", "window s", *extra]
+    head += ["p50 ms", "p99 ms", "max ms"]
     head += ["lost", "out-of-order", "dup", "closed", "server CPU", "server peak RSS MB"]
     head += ["load CPU", "load CPU delivering", "other CPU", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        cells = [str(r.run), r.variant, f"{r.deliveries_per_s:,.0f}", f"{r.window_s:.3f}"]
+        cells = [str(r.run), r.variant, r.client or "-", f"{r.deliveries_per_s:,.0f}"]
+        cells += [f"{r.window_s:.3f}"]
         cells += [format_extra(r, name) for name in extra]
         cells += [f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}", f"{r.max_ms:.1f}"]
         cells += [str(r.lost), str(r.out_of_order), str(r.duplicates), str(r.closed)]
@@ -337,6 +362,10 @@ def steady_report(
             f"**asgi-events p99 / raw p99: {ratio:.2f}x** "
             f"{verdict(ratio <= STEADY_P99_GOAL, f'<= {STEADY_P99_GOAL:g}x')}",
         ]
+    if "raw" in grouped and SSE_VARIANT in grouped:
+        ratio = median_of(grouped[SSE_VARIANT], "p99_ms") / raw_p99
+        lines += ["", f"**{SSE_VARIANT} p99 / raw (WebSocket) p99: {ratio:.2f}x** (no goal set)"]
+    lines += sse_notes(grouped)
     lines += peer_notes(grouped)
     lines += ["", "Per run, in the order run:", ""]
     lines += per_run_table(results, ["rate", "lag p99/max ms"])
@@ -391,6 +420,13 @@ def stalled_report(args: argparse.Namespace, results: list[RunResult], header: l
             f"**asgi-events, stalled / not stalled: {ratios['asgi-events']:.2f}x**{raw} "
             f"{verdict(ok, f'>= {STALLED_GOAL:g}x')}",
         ]
+    if SSE_VARIANT in ratios:
+        lines += [
+            "",
+            f"**{SSE_VARIANT}, stalled / not stalled: {ratios[SSE_VARIANT]:.2f}x** (no goal set; "
+            "the stalled SSE clients stop reading their sockets, as the WebSocket ones do)",
+        ]
+    lines += sse_notes(grouped)
     lines += peer_notes(grouped)
     lines += ["", "Per run, in the order run (stalled: clients that stopped reading):", ""]
     lines += per_run_table(results, ["stalled", "publish call ms"])
@@ -428,18 +464,27 @@ def idle_report(args: argparse.Namespace, results: list[IdleResult], header: lis
             f"**asgi-events minus raw: {extra:+.1f} KB per idle socket** "
             f"{verdict(extra <= IDLE_GOAL_KB, f'<= {IDLE_GOAL_KB:g} KB')}",
         ]
+    if "raw" in grouped and SSE_VARIANT in grouped:
+        extra = median_of(grouped[SSE_VARIANT], "per_socket_kb") - raw
+        lines += [
+            "",
+            f"**{SSE_VARIANT} minus raw (WebSocket): {extra:+.1f} KB per idle stream** (no goal "
+            "set; an SSE stream is an HTTP/1.1 response kept open, raw's is a WebSocket)",
+        ]
+    lines += sse_notes(grouped)
     lines += peer_notes(grouped)
     lines += [
         "",
         "Per run, in the order run:",
         "",
-        "| run | variant | RSS empty kB | RSS with N sockets kB | KB per socket | other CPU "
-        "| notes |",
-        "|---:|---|---:|---:|---:|---:|---|",
+        "| run | variant | load client | RSS empty kB | RSS with N sockets kB | KB per socket "
+        "| other CPU | notes |",
+        "|---:|---|---|---:|---:|---:|---:|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r.run} | {r.variant} | {r.empty_kb:,} | {r.full_kb:,} | {r.per_socket_kb:.2f} "
+            f"| {r.run} | {r.variant} | {r.client or '-'} | {r.empty_kb:,} | {r.full_kb:,} "
+            f"| {r.per_socket_kb:.2f} "
             f"| {r.other_cpu:.0%} | {'; '.join(r.notes)} |"
         )
     return "\n".join(lines) + "\n"

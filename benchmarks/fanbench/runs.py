@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .clients import Client, Tally, connect_all, stalled_indices
+from .clients import BaseClient, Tally, connect_all, load_client, stalled_indices
 from .common import (
     BATCH_VARIANT,
     HTTP_TIMEOUT,
@@ -24,6 +24,7 @@ from .common import (
     REDIS_NODES,
     REDIS_VARIANT,
     SERVER_READY_WAIT,
+    SSE_VARIANT,
     STALL_FRACTION,
     WARMUP_EVENTS,
     WARMUP_SOCKETS,
@@ -68,6 +69,7 @@ class RunResult:
     lag_p99_ms: float = float("nan")  # steady mode: how late the publisher was, p99
     lag_max_ms: float = float("nan")
     notes: list[str] = field(default_factory=list)
+    client: str = ""  # the load client and the load process's loop, e.g. "sse/uvloop"
 
     @property
     def load_bound(self) -> bool:
@@ -90,6 +92,7 @@ class IdleResult:
     full_kb: int
     other_cpu: float
     notes: list[str] = field(default_factory=list)
+    client: str = ""  # the load client and the load process's loop, e.g. "sse/uvloop"
 
     @property
     def per_socket_kb(self) -> float:
@@ -106,8 +109,8 @@ class Fleet:
 
     nodes: list[ServerProcess]
     redis: RedisProcess | None
-    clients: list[Client] = field(default_factory=list)
-    stalled: list[Client] = field(default_factory=list)
+    clients: list[BaseClient] = field(default_factory=list)
+    stalled: list[BaseClient] = field(default_factory=list)
 
     @property
     def ports(self) -> list[int]:
@@ -117,7 +120,7 @@ class Fleet:
         redis = self.redis.cpu_seconds() if self.redis else 0.0
         return sum(n.cpu_seconds() for n in self.nodes), redis
 
-    def close_clients(self, clients: list[Client]) -> None:
+    def close_clients(self, clients: list[BaseClient]) -> None:
         for client in clients:
             client.close()
 
@@ -207,7 +210,9 @@ async def run_delivery(
         request: dict[str, Any] = {"sockets": shares[0], "events": events, "payload": args.payload}
         if rate is not None:
             request["rate"] = rate
-        return await measure(f, variant, run, request, tally, wait, stall)
+        result = await measure(f, variant, run, request, tally, wait, stall)
+        result.client = load_client(variant, args.load_loop)
+        return result
 
 
 async def measure(
@@ -266,7 +271,6 @@ async def measure(
     window_s = max(last_ns - int(answer["start_ns"]), 1) / 1e9
     tally.settle()
     latencies = sorted(tally.latencies_ns)
-    batch = variant == BATCH_VARIANT
     result = RunResult(
         variant=variant,
         run=run,
@@ -279,7 +283,7 @@ async def measure(
         lost=sum(tally.events - c.received for c in f.clients),
         out_of_order=tally.out_of_order,
         duplicates=tally.duplicates,
-        closed=sum(c.close_code is not None or c.lost_connection for c in f.clients),
+        closed=sum(c.closed for c in f.clients),
         server_cpu=servers_cpu / wall,
         server_rss_mb=sum(node_rss),
         node_rss_mb=node_rss,
@@ -303,7 +307,7 @@ async def measure(
         lag_max_ms=float(answer.get("lag_max_ms", float("nan"))),
         notes=notes,
     )
-    add_notes(result, tally, batch, wait, delivered)
+    add_notes(result, tally, variant, wait, delivered)
     return result
 
 
@@ -324,15 +328,16 @@ async def stop_measuring(f: Fleet, timed_out: bool) -> tuple[float, list[int]]:
     return gc_s, gc_runs
 
 
-def add_notes(result: RunResult, tally: Tally, batch: bool, wait: float, delivered: int) -> None:
+def add_notes(result: RunResult, tally: Tally, variant: str, wait: float, delivered: int) -> None:
     if result.timed_out:
         result.notes.append(
             f"timed out after {wait:.1f} s ({delivered:,} of {tally.expected:,} deliveries)"
         )
     if tally.unexpected:
-        what = "messages" if batch else "frames"
+        what = {BATCH_VARIANT: "messages", SSE_VARIANT: "blocks"}.get(variant, "frames")
         result.notes.append(f"{tally.unexpected} unexpected {what}")
-    if batch and tally.ready != tally.sockets:
+    # Batch and SSE clients get the ready message (the others are not sent one).
+    if variant in (BATCH_VARIANT, SSE_VARIANT) and tally.ready != tally.sockets:
         result.notes.append(f"{tally.ready} ready messages for {tally.sockets} clients")
     if result.load_bound:
         result.notes.append("LOAD-BOUND")
@@ -360,7 +365,8 @@ async def run_idle(server: str, variant: str, run: int, args: argparse.Namespace
         result = IdleResult(
             variant, run, args.sockets, empty_kb, full_kb, max(0.0, busy - own) / wall
         )
-        closed = sum(c.close_code is not None or c.lost_connection for c in f.clients)
+        result.client = load_client(variant, args.load_loop)
+        closed = sum(c.closed for c in f.clients)
         if closed:
             result.notes.append(f"{closed} sockets closed by the server")
         if result.noisy:
