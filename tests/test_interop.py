@@ -1,4 +1,6 @@
-"""The interop matrix: every (server, app) cell connects, receives a broadcast, and resumes.
+"""The interop matrix: every (server, app) cell connects, receives a broadcast, and resumes,
+over a WebSocket and over Server-Sent Events (whose cells also check that a client that goes
+away is detected).
 
 Apps (tests/support/interop_apps.py): bare ASGI, Starlette, FastAPI, Litestar, Quart, Django.
 Servers: hypercorn's asyncio and trio workers in this process (the ``serve`` fixture);
@@ -18,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +28,12 @@ import anyio
 import httpx
 import pytest
 
-from .support.interop_apps import APP_ENV, LIFESPAN_MARK, build, record_lifespan
+import asgi_events
+from asgi_events import EventHub
+
+from .support.interop_apps import APP_ENV, LIFESPAN_MARK, PROBE, build, record_lifespan
 from .support.server import TIMEOUT, Connect, ServeFn, recv, recv_n
+from .support.sse import open_events
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ("bare", "starlette", "fastapi", "litestar", "quart", "django")
@@ -91,6 +97,61 @@ async def exercise(base: str, connect: Connect, http: httpx.AsyncClient) -> None
         assert (await recv(ws))["payload"] == {"n": 4}
 
 
+# The hub's presence of alice and its open streams, however the test reaches the hub.
+Presence = Callable[[], Awaitable[tuple[int, int]]]
+
+
+async def until_gone(presence: Presence) -> None:
+    """Wait (bounded) until the hub has let go of every stream: its presence of alice and its
+    open streams are 0 (the server notices a client that went away; no event to wait on)."""
+    with anyio.fail_after(TIMEOUT):
+        while await presence() != (0, 0):  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+
+
+async def exercise_sse(base: str, http: httpx.AsyncClient, presence: Presence) -> None:
+    """The same over Server-Sent Events (token in the query, ``Last-Event-ID`` to resume), and
+    each time the client goes away, the hub notices."""
+
+    async def publish(n: int) -> None:
+        response = await http.post(f"{base}/publish", params={"user": "alice", "n": n})
+        assert response.status_code == 200, response.text
+
+    url = f"{base}/ws"
+    async with open_events(url, token="tok-alice") as s:
+        assert s.status == 200
+        assert s.headers["content-type"] == "text/event-stream; charset=utf-8"
+        before, ready = await s.until_ready()
+        assert before == [] and ready["data"]["payload"]["replayed"] == 0
+        assert await presence() == (1, 1)  # registered before the response started
+        await publish(1)
+        first = await s.fields()
+        assert (first["data"]["type"], first["data"]["payload"]) == ("INTEROP", {"n": 1})
+        assert first["id"] == first["data"]["id"]
+    await until_gone(presence)
+
+    await publish(2)  # missed while disconnected
+    await publish(3)
+    async with open_events(url, {"last-event-id": first["id"]}, token="tok-alice") as s:
+        (second, third), ready = await s.until_ready()
+        assert [second["data"]["payload"], third["data"]["payload"]] == [{"n": 2}, {"n": 3}]
+        assert ready["id"] == third["id"]
+        assert ready["data"] == {
+            "type": "asgi_events.ready",
+            "payload": {"position": third["id"], "recovered": True, "replayed": 2},
+        }
+        await publish(4)  # and live again after the replay
+        assert (await s.fields())["data"]["payload"] == {"n": 4}
+    await until_gone(presence)
+
+
+def hub_presence(hub: EventHub) -> Presence:
+    async def presence() -> tuple[int, int]:
+        return await hub.presence("alice"), hub.stats()["total_connections"]
+
+    return presence
+
+
 # -- hypercorn, in process: asyncio and trio --------------------------------------------
 
 
@@ -121,6 +182,14 @@ async def test_hypercorn(
     # (The bare app returns at once instead; completed silently, as ``sent`` shows.)
     completed = "does not support lifespan" in caplog.text
     assert completed == (app_name == "django")
+
+
+@pytest.mark.parametrize(("anyio_backend", "app_name"), HYPERCORN_CELLS)
+async def test_hypercorn_sse(app_name: str, serve: ServeFn, http: httpx.AsyncClient) -> None:
+    _require(app_name)
+    app, hub = build(app_name)
+    server = await serve(app)
+    await exercise_sse(server.url, http, hub_presence(hub))
 
 
 # -- uvicorn, granian, daphne: subprocesses -----------------------------------------------
@@ -192,7 +261,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def server_process(server_name: str, app_name: str, tmp_path: Path) -> Iterator[Process]:
+def server_options() -> list[str]:
+    """Options added to the server's command line (a test parametrizes this to set some)."""
+    return []
+
+
+@pytest.fixture
+def server_process(
+    server_name: str, app_name: str, server_options: list[str], tmp_path: Path
+) -> Iterator[Process]:
     _require(app_name)
     for module in SERVER_REQUIRES[server_name]:
         if importlib.util.find_spec(module) is None:
@@ -203,7 +280,7 @@ def server_process(server_name: str, app_name: str, tmp_path: Path) -> Iterator[
     log = tmp_path / f"{server_name}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            _command(server_name, port),
+            [*_command(server_name, port), *server_options],
             cwd=ROOT,
             env=env,
             stdout=out,
@@ -255,6 +332,84 @@ async def test_server_process(
     await exercise(server_process.base, connect, http)
     if server_name == "daphne":
         await anyio.sleep(DAPHNE_REAPER + 0.2)
+    assert server_process.stop() == LIFESPAN[server_name], server_process.output()
+
+
+# Over HTTP both uvicorn cells are the same server (h11; the WebSocket library differs): once.
+SSE_SUBPROCESS_CELLS = [
+    pytest.param(server, app, id=f"{server}-{app}", marks=_marks(server, app))
+    for server in ("uvicorn", "granian", "daphne")
+    for app in APPS
+]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(("server_name", "app_name"), SSE_SUBPROCESS_CELLS)
+async def test_server_process_sse(
+    anyio_backend: str, server_process: Process, http: httpx.AsyncClient
+) -> None:
+    async def presence() -> tuple[int, int]:
+        answer = (await http.get(f"{server_process.base}{PROBE}", params={"user": "alice"})).json()
+        assert answer["module"] == asgi_events.__file__  # the server runs the code under test
+        return answer["presence"], answer["total_connections"]
+
+    await exercise_sse(server_process.base, http, presence)
+
+
+# -- stopping the server with an event stream open -------------------------------------
+
+# An event stream never ends by itself: a server that waits for the responses in flight before
+# it stops must, at some point, cancel them (then the stream says why it ends).
+SHUTDOWN_EVENT = {"event": "asgi_events.close", "data": {"code": 1001, "reason": "Server shutdown"}}
+STOP_BOUND = 4.0  # seconds from the stop to the end of the stream (each server cancels in 1 s)
+
+
+async def test_hypercorn_stop_ends_open_streams(serve: ServeFn) -> None:
+    """hypercorn cancels what still runs after its ``graceful_timeout`` (1 s here)."""
+    app, hub = build("bare")
+    server = await serve(app)
+    async with open_events(f"{server.url}/ws", token="tok-alice") as s:
+        await s.until_ready()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.stop)
+            with anyio.fail_after(STOP_BOUND):
+                assert await s.end() == SHUTDOWN_EVENT
+    assert hub.stats()["total_connections"] == 0
+
+
+GRANIAN_WAITS = (
+    "granian 2.8.9 stops gracefully by waiting for every response in flight, and never cancels "
+    "the application nor sends it http.disconnect: an event stream keeps it running until its "
+    "client leaves; --workers-kill-timeout kills the worker instead (no close event, no "
+    "lifespan shutdown)"
+)
+STOP_CELLS = [
+    # uvicorn waits for the responses in flight for ever by default: with a bound, it cancels
+    # them, then runs the lifespan shutdown.
+    pytest.param("uvicorn", "bare", ["--timeout-graceful-shutdown", "1"], id="uvicorn"),
+    pytest.param(
+        "granian",
+        "bare",
+        [],
+        id="granian",
+        marks=pytest.mark.xfail(strict=True, raises=TimeoutError, reason=GRANIAN_WAITS),
+    ),
+    pytest.param("daphne", "bare", [], id="daphne"),  # cancels its applications at once
+]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(("server_name", "app_name", "server_options"), STOP_CELLS)
+async def test_server_process_stop_ends_open_streams(
+    anyio_backend: str, server_name: str, server_process: Process
+) -> None:
+    async with open_events(f"{server_process.base}/ws", token="tok-alice") as s:
+        await s.until_ready()
+        if server_name == "daphne":
+            await anyio.sleep(DAPHNE_REAPER + 0.2)
+        server_process.proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(STOP_BOUND):
+            assert await s.end() == SHUTDOWN_EVENT
     assert server_process.stop() == LIFESPAN[server_name], server_process.output()
 
 

@@ -53,6 +53,26 @@ def test_a_closed_outbox_drops_everything() -> None:
     assert box.push(plain(2)) == OK and texts(box) == []
 
 
+async def test_the_close_is_unsent_until_it_is_out_or_the_peer_is_gone() -> None:
+    close = {"type": "websocket.close", "code": 1001, "reason": "Server shutdown"}
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    box = Outbox(4, 2, Counters(), WIRE, send)
+    assert box.unsent_close() is None  # none queued
+    box.close(1001, "Server shutdown")
+    assert box.unsent_close() == close
+    box.start(None)
+    await box.drain(1)
+    assert sent == [close] and box.unsent_close() is None  # out
+    gone = Outbox(4, 2, Counters(), WIRE, send)
+    gone.close(1001, "Server shutdown")
+    gone.abandon()
+    assert gone.unsent_close() is None and sent == [close]  # the peer is gone: never sent
+
+
 async def test_a_writer_of_its_own_sends_all_then_the_close() -> None:
     counters = Counters()
     sent: list[Message] = []

@@ -231,6 +231,12 @@ class Outbox:
             if not self.scheduled:
                 self._schedule()
 
+    def unsent_close(self) -> Message | None:
+        """The close message, if one is queued and not sent yet."""
+        if self.finished or self._close is None or self._close is _ABANDONED:
+            return None
+        return self._close
+
     def start(self, on_ready: Callable[[Outbox], None] | None) -> None:
         """The handshake is sent: from now on ``on_ready`` is told whenever something is queued
         (the senders' ``ready``), or, if None, the writer that runs ``run`` sends it."""

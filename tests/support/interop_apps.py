@@ -8,11 +8,14 @@ server in another process is driven exactly like the in-process one.
 In-process: ``build(name)`` returns ``(app, hub)``. A server subprocess imports
 ``tests.support.interop_apps:app`` (daphne takes no factory, so this is a module attribute, built on
 first access from ``$INTEROP_APP``); it prints every lifespan message the app sends, to
-stderr, as ``interop-lifespan: <type>``, for the test to check after the server stopped.
+stderr, as ``interop-lifespan: <type>``, for the test to check after the server stopped, and
+answers ``GET /_probe?user=<user>`` (outside the framework: test instrumentation) with the hub's
+presence of <user>, its open streams, and which ``asgi_events`` the server imported.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import types
@@ -20,11 +23,13 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
+import asgi_events
 from asgi_events import EventHub, EventsMiddleware
 from asgi_events.types import ASGIApp, Message, Receive, Scope, Send
 
 APP_ENV = "INTEROP_APP"
 LIFESPAN_MARK = "interop-lifespan: "
+PROBE = "/_probe"
 
 
 def verify_token(token: str) -> str | None:
@@ -185,6 +190,28 @@ def record_lifespan(app: ASGIApp, record: Callable[[str], None]) -> ASGIApp:
 # -- for server subprocesses -----------------------------------------------------------
 
 
+def with_probe(app: ASGIApp, hub: EventHub) -> ASGIApp:
+    """``app``, with ``GET /_probe?user=<user>`` answered first: a JSON object of the hub's
+    ``presence`` of <user>, its ``total_connections``, and the ``module`` file of the
+    ``asgi_events`` this process imported (the tests check it is the one they test)."""
+
+    async def probed(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != PROBE:
+            await app(scope, receive, send)
+            return
+        user = parse_qs(scope["query_string"].decode()).get("user", [""])[0]
+        answer = {
+            "presence": await hub.presence(user),
+            "total_connections": hub.stats()["total_connections"],
+            "module": asgi_events.__file__,
+        }
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+
+    return probed
+
+
 def _print_lifespan(kind: str) -> None:
     print(LIFESPAN_MARK + kind, file=sys.stderr, flush=True)
 
@@ -197,6 +224,6 @@ def __getattr__(name: str) -> Any:
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if _served is None:
-        served, _hub = build(os.environ[APP_ENV])
-        _served = record_lifespan(served, _print_lifespan)
+        served, hub = build(os.environ[APP_ENV])
+        _served = record_lifespan(with_probe(served, hub), _print_lifespan)
     return _served

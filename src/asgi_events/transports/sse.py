@@ -159,14 +159,19 @@ async def serve(
                 await _read(stream, receive, streams.settings.sse_keepalive)
                 tg.cancel_scope.cancel()
     except anyio.get_cancelled_exc_class():
-        # Cancelled from outside (the server stops): say why, within a bound.
+        # Cancelled from outside (the server stops): say why, within a bound. A close queued
+        # and not sent yet goes instead (uvicorn runs the lifespan shutdown, which closes every
+        # stream, right after cancelling the requests it stopped waiting for).
+        farewell = outbox.unsent_close()
         outbox.abandon()
         if stream.state is State.OPEN:
             stream.code = protocol.SHUTDOWN.code
-            with anyio.CancelScope(shield=True) as farewell:
-                farewell.deadline = anyio.current_time() + 1.0
+            farewell = WIRE.close(protocol.SHUTDOWN.code, protocol.SHUTDOWN.reason)
+        if farewell is not None:
+            with anyio.CancelScope(shield=True) as bound:
+                bound.deadline = anyio.current_time() + 1.0
                 try:
-                    await send(WIRE.close(protocol.SHUTDOWN.code, protocol.SHUTDOWN.reason))
+                    await send(farewell)
                 except Exception:  # the peer may be gone already
                     pass
         raise
