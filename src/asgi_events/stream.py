@@ -11,9 +11,9 @@ import anyio
 
 from .hooks import ConnectionInfo, Transport
 from .outbox import Outbox
-from .protocol import TOKEN_EXPIRED, Close, ResumePoint
+from .protocol import SHUTDOWN, TOKEN_EXPIRED, Close, ResumePoint
 from .stats import Counters
-from .types import Principal
+from .types import Principal, Send
 from .wire import Wire
 
 CLOSE_TIMEOUT = 5.0  # how long a closing stream may take to finish
@@ -105,6 +105,24 @@ class Stream:
         if self.expires_at is not None:
             await anyio.sleep(self.expires_at - time.time())
             self.close(TOKEN_EXPIRED)
+
+    async def say_goodbye(self, send: Send) -> None:
+        """The transport is cancelled from outside (the server stops): send, within a second,
+        the close that was queued and not sent yet, or 1001 "Server shutdown" if the stream
+        was open (a server may run the hub's shutdown, which queues closes, right after it
+        cancels the requests it stopped waiting for); then send nothing more."""
+        farewell = self.outbox.unsent_close()
+        self.outbox.abandon()
+        if self.state is State.OPEN:
+            self.code = SHUTDOWN.code
+            farewell = self.wire.close(SHUTDOWN.code, SHUTDOWN.reason)
+        if farewell is not None:
+            with anyio.CancelScope(shield=True) as bound:
+                bound.deadline = anyio.current_time() + 1.0
+                try:
+                    await send(farewell)
+                except Exception:  # the peer may be gone already
+                    pass
 
     def to(self, state: State) -> None:
         """Move to ``state``.

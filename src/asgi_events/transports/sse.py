@@ -159,21 +159,7 @@ async def serve(
                 await _read(stream, receive, streams.settings.sse_keepalive)
                 tg.cancel_scope.cancel()
     except anyio.get_cancelled_exc_class():
-        # Cancelled from outside (the server stops): say why, within a bound. A close queued
-        # and not sent yet goes instead (uvicorn runs the lifespan shutdown, which closes every
-        # stream, right after cancelling the requests it stopped waiting for).
-        farewell = outbox.unsent_close()
-        outbox.abandon()
-        if stream.state is State.OPEN:
-            stream.code = protocol.SHUTDOWN.code
-            farewell = WIRE.close(protocol.SHUTDOWN.code, protocol.SHUTDOWN.reason)
-        if farewell is not None:
-            with anyio.CancelScope(shield=True) as bound:
-                bound.deadline = anyio.current_time() + 1.0
-                try:
-                    await send(farewell)
-                except Exception:  # the peer may be gone already
-                    pass
+        await stream.say_goodbye(send)  # cancelled from outside (the server stops)
         raise
     finally:
         outbox.abandon()  # the peer is gone, or the response is complete

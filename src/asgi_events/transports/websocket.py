@@ -128,16 +128,7 @@ async def serve(
             else:  # (no task group: an idle socket costs as little as it can)
                 await _live(stream, receive, streams)
     except anyio.get_cancelled_exc_class():
-        # Cancelled from outside (the server stops): say goodbye, within a bound.
-        outbox.abandon()
-        if stream.state is State.OPEN:
-            stream.code = protocol.SHUTDOWN.code
-            with anyio.CancelScope(shield=True) as farewell:
-                farewell.deadline = anyio.current_time() + 1.0
-                try:
-                    await send(WIRE.close(protocol.SHUTDOWN.code, protocol.SHUTDOWN.reason))
-                except Exception:  # the socket may be gone already
-                    pass
+        await stream.say_goodbye(send)  # cancelled from outside (the server stops)
         raise
     finally:
         outbox.abandon()  # the peer is gone: no more sends, no more pushes
