@@ -237,6 +237,9 @@ class RedisBackend:
         """
         await self._call(self._storage.publish, routing.disconnection(user_id, code, reason))
 
+    async def follow(self, user_id: str) -> None:
+        pass  # (every event reaches every node, on one channel)
+
     def present(self, user_id: str, count: int) -> None:
         self._presence.set(user_id, count)
 
