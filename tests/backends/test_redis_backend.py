@@ -1,5 +1,5 @@
 """What is particular to ``RedisBackend``, driven directly (no hub): several nodes, the message
-format on the channel and in the stream, foreign messages, losing Redis, the public names, the
+format on the channels and in the stream, foreign messages, losing Redis, the public names, the
 keys of latest values, disconnects and presence."""
 
 from __future__ import annotations
@@ -58,32 +58,40 @@ async def test_two_nodes_deliver_one_order(redis_server: RedisServer) -> None:
 async def test_the_message_and_the_stream_carry_the_event_without_its_id(
     redis_server: RedisServer,
 ) -> None:
+    """A user's messages go on its channel; ``broadcast_to_all`` on the channel of every node;
+    a disconnect on both, one right after the other."""
     subject = Subject("redis", redis_server)
     everyone = codec.encode(codec.prepare({"type": "ALL"}))
-    async with (
-        subject.node() as node,
-        coredis.Redis.from_url(redis_server.url, decode_responses=True) as client,
-        client.pubsub(channels=[redis(node).channel], ignore_subscribe_messages=True) as pubsub,
-    ):
-        buffered = await node.publish("alice", "é\n}")
-        transient = await node.publish("alice", 1, transient=True)
-        await node.backend.publish_to_all(everyone)
-        messages: list[str] = []
-        with anyio.fail_after(TIMEOUT):
-            async for message in pubsub:
-                messages.append(str(message["data"]))
-                if len(messages) == 3:
-                    break
-        delivered = await node.settle()
-        entries = await client.xrange(redis(node).keys("alice").stream)
+    async with subject.node() as node:
+        alice, every = redis(node).user_channel("alice"), redis(node).channel
+        async with (
+            coredis.Redis.from_url(redis_server.url, decode_responses=True) as client,
+            client.pubsub(channels=[alice, every], ignore_subscribe_messages=True) as pubsub,
+        ):
+            buffered = await node.publish("alice", "é\n}")
+            transient = await node.publish("alice", 1, transient=True)
+            await node.backend.publish_to_all(everyone)
+            await node.backend.disconnect("alice", 4003, "Disconnected")
+            messages: list[tuple[str, str]] = []
+            with anyio.fail_after(TIMEOUT):
+                async for message in pubsub:
+                    messages.append((str(message["channel"]), str(message["data"])))
+                    if len(messages) == 5:
+                        break
+            delivered = await node.settle()
+            entries = await client.xrange(redis(node).keys("alice").stream)
     event_id = delivered[0].id
     assert event_id is not None
+    bye = '!disconnect\n"alice"\n4003\nDisconnected'
     assert messages == [
-        f'"alice"\n{event_id}\n{codec.encode(buffered)}',
-        f'"alice"\n\n{codec.encode(transient)}',
-        f"null\n\n{everyone}",
+        (alice, f'"alice"\n{event_id}\n{codec.encode(buffered)}'),
+        (alice, f'"alice"\n\n{codec.encode(transient)}'),
+        (every, f"null\n\n{everyone}"),
+        (alice, bye),
+        (every, bye),
     ]
-    assert [decode(message) for message in messages] == delivered
+    assert [decode(data) for _, data in messages[:3]] == delivered
+    assert node.disconnects == [("alice", 4003, "Disconnected")]  # once, of the two copies
     (entry,) = entries
     assert event_id.endswith(f".{entry.identifier!s}")
     assert dict(entry.field_values) == {"b": codec.encode(buffered), "t": buffered["timestamp"]}
@@ -155,6 +163,8 @@ async def test_the_public_names(redis_server: RedisServer) -> None:
         backend = redis(node)
         assert backend.prefix == subject.prefix
         assert backend.channel == f"{subject.prefix}:events"
+        assert backend.user_channel("alice") == f"{subject.prefix}:{{alice}}:ch"
+        assert backend.unsubscribe_delay == 3600.0  # (the harness's: see support.backends)
         tag = f"{subject.prefix}:{{alice}}"
         assert backend.keys("alice") == UserKeys(
             f"{tag}:events", f"{tag}:meta", f"{tag}:latest", f"{tag}:latest-at"
@@ -176,7 +186,15 @@ async def test_the_public_names(redis_server: RedisServer) -> None:
         with pytest.raises(ValueError, match="heartbeat_timeout"):
             backend.heartbeat_timeout = 0
         stats = backend.stats()["backend"]
-        assert stats == {"kind": "redis", "healthy": True, "interruptions": 0, "last_error": None}
+        assert stats == {
+            "kind": "redis",
+            "healthy": True,
+            "interruptions": 0,
+            "last_error": None,
+            "events_received": 3,  # alice's two, and settle()'s broadcast to all
+            "events_received_idle": 2,  # (no stream of alice is counted here)
+            "user_channels": 3,  # alice, bob and carol: see support.backends
+        }
     async with subject.node(heartbeat_interval=None) as quiet:
         await quiet.publish("alice", 3)
         await quiet.settle()
