@@ -193,7 +193,8 @@ async def test_the_public_names(redis_server: RedisServer) -> None:
             "last_error": None,
             "events_received": 3,  # alice's two, and settle()'s broadcast to all
             "events_received_idle": 2,  # (no stream of alice is counted here)
-            "user_channels": 3,  # alice, bob and carol: see support.backends
+            "followed_users": 3,  # alice, bob and carol: see support.backends
+            "user_channels": 3,
         }
     async with subject.node(heartbeat_interval=None) as quiet:
         await quiet.publish("alice", 3)

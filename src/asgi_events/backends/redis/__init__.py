@@ -176,7 +176,7 @@ class RedisBackend:
     @property
     def unsubscribe_delay(self) -> float:
         """Seconds this node stays subscribed to a user's channel after its last stream left;
-        may be changed at run time (it applies to the users idle from then on)."""
+        may be changed at run time (at once for every idle user, counted from when it left)."""
         return self._following.delay
 
     @unsubscribe_delay.setter
@@ -319,6 +319,7 @@ class RedisBackend:
                 "last_error": health.last_error,
                 "events_received": self._events_received,
                 "events_received_idle": self._events_received_idle,
+                "followed_users": self._following.users,
                 "user_channels": self._following.channels,
             }
         }

@@ -44,7 +44,7 @@ class Following:
 
     def __init__(self, prefix: str, delay: float, count: Callable[[str], int]) -> None:
         self.prefix = prefix
-        self.delay = delay
+        self._delay = delay
         self._count = count
         self._followed: set[str] = set()  # users whose channel this node wants subscribed
         self._pending: set[str] = set()  # of those, the ones for the next SUBSCRIBE
@@ -52,6 +52,21 @@ class Following:
         self._idle: dict[str, float] = {}  # followed users with no stream here: since when
         self._waiters: dict[str, anyio.Event] = {}  # set once the user's channel is confirmed
         self._wake = anyio.Event()
+
+    @property
+    def delay(self) -> float:
+        """Seconds a user's count stays 0 before its channel is unsubscribed."""
+        return self._delay
+
+    @delay.setter
+    def delay(self, value: float) -> None:
+        self._delay = value
+        self._wake.set()  # (the task may wait for a deadline of the old delay)
+
+    @property
+    def users(self) -> int:
+        """Users followed: subscribed, to be, or idle but within ``delay``."""
+        return len(self._followed)
 
     @property
     def channels(self) -> int:
