@@ -127,6 +127,7 @@ class Following:
             gone = self._expired(anyio.current_time())
             for users in _batches(gone):
                 await pubsub.unsubscribe(*self._channels(users))
+                _forget_waiters(pubsub)
             await self._subscribe(pubsub)
 
     async def _next_round(self) -> None:
@@ -170,6 +171,7 @@ class Following:
         while self._pending:
             users = [self._pending.pop() for _ in range(min(len(self._pending), BATCH))]
             await pubsub.subscribe(*self._channels(users))  # (returns once Redis confirmed)
+            _forget_waiters(pubsub)
             for user_id in users:
                 if user_id in self._followed:
                     self._confirmed.add(user_id)
@@ -179,6 +181,17 @@ class Following:
 
     def _channels(self, users: list[str]) -> list[str]:
         return [routing.user_channel(self.prefix, user_id) for user_id in users]
+
+
+def _forget_waiters(pubsub: PubSub[str]) -> None:
+    """coredis (6.9) keeps, for the pubsub's life, a list of confirmation waiters for every
+    channel ever (un)subscribed, emptied but never removed: a few hundred bytes per user a node
+    ever followed. Remove the empty ones (few: those emptied since the last call)."""
+    for name in ("_subscription_waiters", "_unsubscription_waiters"):
+        waiters = getattr(pubsub, name, None)
+        if isinstance(waiters, dict):
+            for channel in [channel for channel, left in waiters.items() if not left]:
+                del waiters[channel]
 
 
 def _batches(users: list[str]) -> Iterator[list[str]]:
