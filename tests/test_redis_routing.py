@@ -1,10 +1,12 @@
 """Routing by user across real nodes (hypercorn, one real Redis): a node receives the events of
-the users it holds connections of, and no others; clients that hop between nodes at random,
-resuming by id while publishers run on every node, get every event exactly once, in order."""
+the users it holds connections of, and no others, yet every disconnect; clients that hop
+between nodes at random, resuming by id while publishers run on every node, get every event
+exactly once, in order."""
 
 from __future__ import annotations
 
 import random
+import secrets
 from typing import Any
 
 import anyio
@@ -12,8 +14,11 @@ import anyio.lowlevel
 import coredis
 import pytest
 
+from asgi_events import EventHub
+from asgi_events.backends.redis import RedisBackend
+
 from .support.redis_server import RedisServer
-from .support.server import Connect, ServeFn, Server, recv, recv_n
+from .support.server import Connect, ServeFn, Server, close_code, recv, recv_n, users
 from .test_redis import nodes, redis_backend
 
 V1 = ["asgi-events.v1"]
@@ -58,6 +63,44 @@ async def test_a_node_receives_only_the_events_of_its_own_users(
     assert on_b["events_received"] == 2 * per_node // 5 + 1  # bob's, and END
     assert on_a["events_received_idle"] == on_b["events_received_idle"] == 0
     assert on_a["user_channels"] == on_b["user_channels"] == 1
+
+
+async def test_a_disconnect_reaches_a_connection_being_admitted_on_a_node_not_following(
+    serve: ServeFn, connect: Connect, redis_server: RedisServer
+) -> None:
+    """B checks a token of alice (slowly) while A disconnects alice: B follows no alice, yet
+    it learns of the disconnect (its copy on the channel of every node), and the connection is
+    closed as it joins."""
+    checking, release = anyio.Event(), anyio.Event()
+
+    async def slow(token: str) -> str | None:
+        if token == "tok-slow":
+            checking.set()
+            await release.wait()
+            return "alice"
+        return users(token)
+
+    options = {"prefix": f"t-{secrets.token_hex(4)}", "timeout": 1.0, "max_backoff": 0.2}
+    a = await serve(hub=EventHub(users, backend=RedisBackend(redis_server.url, **options)))
+    b = await serve(hub=EventHub(slow, backend=RedisBackend(redis_server.url, **options)))
+    assert a.hub is not None
+    codes: list[tuple[int, str]] = []
+
+    async def open_slow() -> None:
+        async with connect(b.ws_url(token="tok-slow")) as ws:
+            codes.append(await close_code(ws))
+
+    async with connect(b.ws_url(token="tok-bob")) as bob:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(open_slow)
+            with anyio.fail_after(10):
+                await checking.wait()
+            await a.hub.disconnect("alice", code=4100, reason="Banned")
+            await a.hub.broadcast_to_all({"type": "AFTER"})
+            assert (await recv(bob))["type"] == "AFTER"  # B has handled the disconnect by now
+            assert backend_stats(b)["user_channels"] == 1  # (bob's: B follows no alice)
+            release.set()
+    assert codes == [(4100, "Banned")]
 
 
 @pytest.mark.parametrize("count", [2, 3])
