@@ -212,6 +212,8 @@ async def test_not_running_or_not_answering_is_unavailable(own_redis: RedisServe
         await backend.disconnect("alice", 4003, "Disconnected")
     with pytest.raises(BackendUnavailableError):
         await backend.presence(["alice"])
+    with pytest.raises(BackendUnavailableError):
+        await backend.follow("alice")
     backend.present("alice", 1)  # (never blocks, never fails: written once running)
     assert backend.stats()["backend"]["healthy"] is False
     subject = Subject("redis", own_redis)
@@ -226,6 +228,8 @@ async def test_not_running_or_not_answering_is_unavailable(own_redis: RedisServe
                 await node.backend.disconnect("alice", 4003, "Disconnected")
             with anyio.fail_after(0.5 + 2), pytest.raises(BackendUnavailableError):
                 await node.backend.presence(["alice"])
+            with anyio.fail_after(0.5 + 2), pytest.raises(BackendUnavailableError):
+                await node.backend.follow("dave")  # (its SUBSCRIBE is not confirmed)
         finally:
             own_redis.resume()
         # (a timeout, or a new connection that could not be made in time)
@@ -271,6 +275,17 @@ def test_presence_ttl_must_be_a_positive_number(redis_server: RedisServer) -> No
     for ttl in [0.0, -1.0, float("inf"), float("nan")]:
         with pytest.raises(ValueError, match="presence_ttl"):
             RedisBackend(redis_server.url, presence_ttl=ttl)
+
+
+def test_unsubscribe_delay_must_be_0_or_more_seconds(redis_server: RedisServer) -> None:
+    backend = RedisBackend(redis_server.url, unsubscribe_delay=0)
+    assert RedisBackend(redis_server.url).unsubscribe_delay == 30.0
+    for delay in [-1.0, float("inf"), float("nan")]:
+        with pytest.raises(ValueError, match="unsubscribe_delay"):
+            RedisBackend(redis_server.url, unsubscribe_delay=delay)
+        with pytest.raises(ValueError, match="unsubscribe_delay"):
+            backend.unsubscribe_delay = delay
+    assert backend.unsubscribe_delay == 0
 
 
 async def test_latest_values_are_in_the_users_slot_and_expire(redis_server: RedisServer) -> None:
