@@ -150,7 +150,8 @@ async def test_foreign_messages_on_the_channel_are_ignored(redis_server: RedisSe
         coredis.Redis.from_url(redis_server.url, decode_responses=True) as client,
     ):
         for junk in ["", "hello", "42\n1-0\n{}", '"alice"\n5-0\n{"type":"T","id":"e.5-0"}']:
-            await client.publish(redis(node).channel, junk)
+            for channel in (redis(node).channel, redis(node).user_channel("alice")):
+                await client.publish(channel, junk)
         await node.publish("alice", "still here")
         delivered = await node.settle()
     assert [json.loads(p.text)["payload"] for p in delivered] == ["still here"]

@@ -73,10 +73,6 @@ class Following:
         """Users' channels the live subscription is confirmed to have."""
         return len(self._confirmed)
 
-    def following(self, user_id: str) -> bool:
-        """Whether the live subscription is confirmed to have ``user_id``'s channel."""
-        return user_id in self._confirmed
-
     async def follow(self, user_id: str) -> None:
         """Return once this node receives every event of ``user_id`` published from now on (a
         caller that gives up leaves it followed: it is subscribed once it can be)."""
