@@ -129,11 +129,13 @@ class Streams:
 
     async def attach(self, stream: Stream) -> None:
         """Join live delivery and queue the replay and the ready message, so that nothing is
-        lost or doubled at the switch: live messages are held while the replay is read, then
-        those the replay covers are dropped (with the memory backend nothing can even arrive
-        in between: reading it does not suspend).
+        lost or doubled at the switch: the backend is asked to deliver the user's events here
+        (``follow``) before the replay is read; live messages are held meanwhile, then those
+        the replay covers are dropped (with the memory backend nothing can even arrive in
+        between: neither call suspends).
 
-        :raises BackendUnavailableError: the replay could not be read.
+        :raises BackendUnavailableError: the user's events could not be followed, or the
+            replay could not be read.
         """
         others = self._registry.of(stream.user_id)
         if len(others) >= self.settings.max_connections_per_user:
@@ -149,9 +151,12 @@ class Streams:
             self.detach(stream)
             return
         resume, outbox, wire = stream.resume, stream.outbox, stream.wire
-        if resume is None and not stream.control and not self.latest:
+        replaying = resume is not None or stream.control or self.latest
+        if replaying:
+            outbox.hold()  # (before following: what arrives from then on may be replayed too)
+        await self.backend.follow(stream.user_id)
+        if not replaying:
             return
-        outbox.hold()
         replay = await self.backend.replay(stream.user_id, resume, self.latest)
         if resume is not None:
             self.counters.reconnection_count += 1

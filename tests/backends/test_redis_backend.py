@@ -1,5 +1,5 @@
 """What is particular to ``RedisBackend``, driven directly (no hub): several nodes, the message
-format on the channel and in the stream, foreign messages, losing Redis, the public names, the
+format on the channels and in the stream, foreign messages, losing Redis, the public names, the
 keys of latest values, disconnects and presence."""
 
 from __future__ import annotations
@@ -58,32 +58,40 @@ async def test_two_nodes_deliver_one_order(redis_server: RedisServer) -> None:
 async def test_the_message_and_the_stream_carry_the_event_without_its_id(
     redis_server: RedisServer,
 ) -> None:
+    """A user's messages go on its channel; ``broadcast_to_all`` on the channel of every node;
+    a disconnect on both, one right after the other."""
     subject = Subject("redis", redis_server)
     everyone = codec.encode(codec.prepare({"type": "ALL"}))
-    async with (
-        subject.node() as node,
-        coredis.Redis.from_url(redis_server.url, decode_responses=True) as client,
-        client.pubsub(channels=[redis(node).channel], ignore_subscribe_messages=True) as pubsub,
-    ):
-        buffered = await node.publish("alice", "é\n}")
-        transient = await node.publish("alice", 1, transient=True)
-        await node.backend.publish_to_all(everyone)
-        messages: list[str] = []
-        with anyio.fail_after(TIMEOUT):
-            async for message in pubsub:
-                messages.append(str(message["data"]))
-                if len(messages) == 3:
-                    break
-        delivered = await node.settle()
-        entries = await client.xrange(redis(node).keys("alice").stream)
+    async with subject.node() as node:
+        alice, every = redis(node).user_channel("alice"), redis(node).channel
+        async with (
+            coredis.Redis.from_url(redis_server.url, decode_responses=True) as client,
+            client.pubsub(channels=[alice, every], ignore_subscribe_messages=True) as pubsub,
+        ):
+            buffered = await node.publish("alice", "é\n}")
+            transient = await node.publish("alice", 1, transient=True)
+            await node.backend.publish_to_all(everyone)
+            await node.backend.disconnect("alice", 4003, "Disconnected")
+            messages: list[tuple[str, str]] = []
+            with anyio.fail_after(TIMEOUT):
+                async for message in pubsub:
+                    messages.append((str(message["channel"]), str(message["data"])))
+                    if len(messages) == 5:
+                        break
+            delivered = await node.settle()
+            entries = await client.xrange(redis(node).keys("alice").stream)
     event_id = delivered[0].id
     assert event_id is not None
+    bye = '!disconnect\n"alice"\n4003\nDisconnected'
     assert messages == [
-        f'"alice"\n{event_id}\n{codec.encode(buffered)}',
-        f'"alice"\n\n{codec.encode(transient)}',
-        f"null\n\n{everyone}",
+        (alice, f'"alice"\n{event_id}\n{codec.encode(buffered)}'),
+        (alice, f'"alice"\n\n{codec.encode(transient)}'),
+        (every, f"null\n\n{everyone}"),
+        (alice, bye),
+        (every, bye),
     ]
-    assert [decode(message) for message in messages] == delivered
+    assert [decode(data) for _, data in messages[:3]] == delivered
+    assert node.disconnects == [("alice", 4003, "Disconnected")]  # once, of the two copies
     (entry,) = entries
     assert event_id.endswith(f".{entry.identifier!s}")
     assert dict(entry.field_values) == {"b": codec.encode(buffered), "t": buffered["timestamp"]}
@@ -142,7 +150,8 @@ async def test_foreign_messages_on_the_channel_are_ignored(redis_server: RedisSe
         coredis.Redis.from_url(redis_server.url, decode_responses=True) as client,
     ):
         for junk in ["", "hello", "42\n1-0\n{}", '"alice"\n5-0\n{"type":"T","id":"e.5-0"}']:
-            await client.publish(redis(node).channel, junk)
+            for channel in (redis(node).channel, redis(node).user_channel("alice")):
+                await client.publish(channel, junk)
         await node.publish("alice", "still here")
         delivered = await node.settle()
     assert [json.loads(p.text)["payload"] for p in delivered] == ["still here"]
@@ -155,6 +164,8 @@ async def test_the_public_names(redis_server: RedisServer) -> None:
         backend = redis(node)
         assert backend.prefix == subject.prefix
         assert backend.channel == f"{subject.prefix}:events"
+        assert backend.user_channel("alice") == f"{subject.prefix}:{{alice}}:ch"
+        assert backend.unsubscribe_delay == 3600.0  # (the harness's: see support.backends)
         tag = f"{subject.prefix}:{{alice}}"
         assert backend.keys("alice") == UserKeys(
             f"{tag}:events", f"{tag}:meta", f"{tag}:latest", f"{tag}:latest-at"
@@ -176,7 +187,16 @@ async def test_the_public_names(redis_server: RedisServer) -> None:
         with pytest.raises(ValueError, match="heartbeat_timeout"):
             backend.heartbeat_timeout = 0
         stats = backend.stats()["backend"]
-        assert stats == {"kind": "redis", "healthy": True, "interruptions": 0, "last_error": None}
+        assert stats == {
+            "kind": "redis",
+            "healthy": True,
+            "interruptions": 0,
+            "last_error": None,
+            "events_received": 3,  # alice's two, and settle()'s broadcast to all
+            "events_received_idle": 2,  # (no stream of alice is counted here)
+            "followed_users": 3,  # alice, bob and carol: see support.backends
+            "user_channels": 3,
+        }
     async with subject.node(heartbeat_interval=None) as quiet:
         await quiet.publish("alice", 3)
         await quiet.settle()
@@ -193,6 +213,8 @@ async def test_not_running_or_not_answering_is_unavailable(own_redis: RedisServe
         await backend.disconnect("alice", 4003, "Disconnected")
     with pytest.raises(BackendUnavailableError):
         await backend.presence(["alice"])
+    with pytest.raises(BackendUnavailableError):
+        await backend.follow("alice")
     backend.present("alice", 1)  # (never blocks, never fails: written once running)
     assert backend.stats()["backend"]["healthy"] is False
     subject = Subject("redis", own_redis)
@@ -207,6 +229,8 @@ async def test_not_running_or_not_answering_is_unavailable(own_redis: RedisServe
                 await node.backend.disconnect("alice", 4003, "Disconnected")
             with anyio.fail_after(0.5 + 2), pytest.raises(BackendUnavailableError):
                 await node.backend.presence(["alice"])
+            with anyio.fail_after(0.5 + 2), pytest.raises(BackendUnavailableError):
+                await node.backend.follow("dave")  # (its SUBSCRIBE is not confirmed)
         finally:
             own_redis.resume()
         # (a timeout, or a new connection that could not be made in time)
@@ -252,6 +276,17 @@ def test_presence_ttl_must_be_a_positive_number(redis_server: RedisServer) -> No
     for ttl in [0.0, -1.0, float("inf"), float("nan")]:
         with pytest.raises(ValueError, match="presence_ttl"):
             RedisBackend(redis_server.url, presence_ttl=ttl)
+
+
+def test_unsubscribe_delay_must_be_0_or_more_seconds(redis_server: RedisServer) -> None:
+    backend = RedisBackend(redis_server.url, unsubscribe_delay=0)
+    assert RedisBackend(redis_server.url).unsubscribe_delay == 30.0
+    for delay in [-1.0, float("inf"), float("nan")]:
+        with pytest.raises(ValueError, match="unsubscribe_delay"):
+            RedisBackend(redis_server.url, unsubscribe_delay=delay)
+        with pytest.raises(ValueError, match="unsubscribe_delay"):
+            backend.unsubscribe_delay = delay
+    assert backend.unsubscribe_delay == 0
 
 
 async def test_latest_values_are_in_the_users_slot_and_expire(redis_server: RedisServer) -> None:

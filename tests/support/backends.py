@@ -3,14 +3,16 @@
 ``subject`` is parametrised over the backends (memory, and Redis on the session's real
 redis-server under a fresh random prefix); each test runs on asyncio and trio (``anyio_backend``
 in ``tests/conftest.py``). ``async with subject.node(size=...) as node`` binds a backend to a
-collector, starts it in a task group of its own, and stops it (and cancels the group) at the end.
+collector, starts it in a task group of its own, follows the test users (``FOLLOWED``, as a node
+with streams of them does: a Redis node receives the events of the users it follows only), and
+stops it (and cancels the group) at the end.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +29,12 @@ from asgi_events.protocol import ResumePoint, make_id, split_id
 from .redis_server import RedisServer
 
 TIMEOUT = 10.0  # bound on any single wait
+FOLLOWED = ("alice", "bob", "carol")
+"""The users a node follows unless told otherwise (``Subject.node(follow=...)``)."""
+IDLE = 3600.0
+"""A Redis node's ``unsubscribe_delay`` unless told otherwise: the harness follows users without
+counting streams of them (``present``), so they are idle from the start, and must stay followed
+for the whole test."""
 
 
 class Clock:
@@ -143,7 +151,8 @@ class Subject:
         if self.kind == "memory":
             clock = Clock()
             return MemoryBackend(clock), clock
-        settings = {"prefix": self.prefix, "timeout": 2.0, "max_backoff": 0.2, **options}
+        settings = {"prefix": self.prefix, "timeout": 2.0, "max_backoff": 0.2}
+        settings |= {"unsubscribe_delay": IDLE, **options}
         return RedisBackend(self.redis.url, **settings), None
 
     @asynccontextmanager
@@ -153,9 +162,11 @@ class Subject:
         size: int = 200,
         max_age: float = 300.0,
         max_users: int | None = None,
+        follow: Collection[str] = FOLLOWED,
         **options: Any,
     ) -> AsyncIterator[Node]:
-        """A started backend (a node of its own, sharing the prefix for Redis)."""
+        """A started backend (a node of its own, sharing the prefix for Redis), following the
+        users of ``follow``."""
         backend, clock = self.make(**options)
         node = Node(backend, self.kind, clock)
         backend.bind(
@@ -170,6 +181,8 @@ class Subject:
             await backend.start(tg)
             try:
                 assert backend.healthy
+                for user_id in follow:
+                    await backend.follow(user_id)
                 yield node
             finally:
                 await backend.stop()
@@ -201,4 +214,14 @@ def fields_of(published: Published) -> dict[str, Any]:
     return decoded
 
 
-__all__ = ("TIMEOUT", "Node", "Subject", "epoch_of", "fields_of", "make_id", "offset_of", "point")
+__all__ = (
+    "FOLLOWED",
+    "TIMEOUT",
+    "Node",
+    "Subject",
+    "epoch_of",
+    "fields_of",
+    "make_id",
+    "offset_of",
+    "point",
+)

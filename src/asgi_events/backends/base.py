@@ -8,8 +8,16 @@ or the messages they send. The contract, which ``tests/backends/`` checks for ev
   The epoch changes whenever the buffered data may have been lost (a new process for memory, a
   lost Redis data set), so that an id of another epoch is never misread. ``key`` is an id's
   order key (any comparable value): within a user, a later event has a greater key.
-- **Order.** Every node receives each user's buffered events in id order, exactly once while
-  it is connected to the backend.
+- **Following.** A node receives the events of the users it follows: ``follow(user_id)``
+  returns once every event of the user published from then on reaches this node's
+  ``deliver``. The hub follows a user as each of its streams joins, before the stream's replay
+  is read (so that an event is in the replay or arrives live, or both: the hub drops the
+  copy). A backend may stop delivering a user's events once this node's count of its streams
+  (``present``) has been 0 for a while (it documents how long), and may deliver more than the
+  followed users' events (memory delivers every event; the hub ignores those with no stream).
+  ``broadcast_to_all`` reaches every node.
+- **Order.** Every node receives each followed user's buffered events in id order, exactly once
+  while it is connected to the backend.
 - **Position.** ``replay(...).position`` is the id of the newest event assigned to that user,
   or the epoch's origin id (``<epoch>.0`` in memory, ``<epoch>.0-0`` on Redis) before there is
   one; ``key`` is its order key. A client that has everything up to ``position`` is current.
@@ -45,8 +53,9 @@ or the messages they send. The contract, which ``tests/backends/`` checks for ev
   it keeps; a key it had to drop publishes again. The hub checks keys before they reach a
   backend (``idempotency.check_key``: a non-empty str of at most 200 characters).
 - **Disconnect.** ``disconnect(user_id, code, reason)`` reaches every node's bound
-  ``disconnect`` callback (this node's included), in order with the user's events: events
-  published before it are delivered before it.
+  ``disconnect`` callback (this node's included), once, whether or not it follows the user (a
+  stream of the user may be being admitted there), and in order with the user's events on
+  the nodes that follow it: events published before it are delivered before it.
 - **Presence.** The hub tells its backend how many streams of a user this node holds
   (``present``, on every change); ``presence`` sums them over the live nodes. A node that
   stops without saying goodbye stops counting within a bound the backend documents.
@@ -121,7 +130,8 @@ class Replay:
 
 
 class Backend(Protocol):
-    """Buffers events for replay and delivers every event to every node's ``deliver``."""
+    """Buffers events for replay and delivers each event to the ``deliver`` of every node that
+    follows its user (``broadcast_to_all``: of every node)."""
 
     healthy: bool
     """False while events cannot be delivered (new streams are refused with 1012)."""
@@ -190,9 +200,18 @@ class Backend(Protocol):
         :raises BackendUnavailableError: the request could not be published.
         """
 
+    async def follow(self, user_id: str) -> None:
+        """Return once this node receives every event of ``user_id`` published from now on
+        (at once if it does already). The hub calls it as each stream joins, after counting
+        it (``present``) and before reading its replay.
+
+        :raises BackendUnavailableError: it could not within the backend's timeout.
+        """
+
     def present(self, user_id: str, count: int) -> None:
         """This node now holds ``count`` streams of ``user_id`` (never blocks: a shared
-        backend records it in the background, coalescing changes)."""
+        backend records it in the background, coalescing changes). A backend may stop
+        delivering a user's events to this node a while after its count is 0 (``follow``)."""
 
     async def presence(self, user_ids: Collection[str]) -> dict[str, int]:
         """Open streams of each of ``user_ids`` on every live node (0 for unknown users).

@@ -129,6 +129,9 @@ class MemoryBackend:
         assert self._disconnect is not None
         await self._disconnect(user_id, code, reason)
 
+    async def follow(self, user_id: str) -> None:
+        pass  # every event is delivered to this one node (no await: attach stays atomic)
+
     def present(self, user_id: str, count: int) -> None:
         if count:
             self._present[user_id] = count

@@ -1,19 +1,22 @@
 """Several nodes on one Redis: replay buffers in Redis Streams, fan-out through Pub/Sub.
 
 Each user's buffered events are a stream, ``<prefix>:{<user>}:events``, beside a meta hash of
-its epoch and position (``storage``). One channel, ``<prefix>:events``, carries every event to
-every node. Appending an event to its stream and publishing it are one Lua script (``scripts``),
-which assigns the event's id, ``<epoch>.<stream id>``: so every node sees each user's events in
-id order. The message carries ``<user as JSON>\\n<id>\\n<text>``, where a buffered event's text
-is its encoding without the id, which the receiving node adds (``routing``; that module also
-says why nodes of the previous message format must not share a prefix with these). Each node
-proves its subscription alive with heartbeats on a channel of its own, and gets it back with
-backoff after any loss (``subscription``). Disconnects travel on the events' channel too.
+its epoch and position (``storage``). Each user has a channel, ``<prefix>:{<user>}:ch``, which
+carries its events and disconnects; a node subscribes to it while it holds a stream of the user
+(``following``), so it receives its own users' events only, and ``<prefix>:events`` carries
+``broadcast_to_all`` to every node. Appending an event to its stream and publishing it are one
+Lua script (``scripts``), which assigns the event's id, ``<epoch>.<stream id>``: so every node
+sees each user's events in id order. The message carries ``<user as JSON>\\n<id>\\n<text>``,
+where a buffered event's text is its encoding without the id, which the receiving node adds
+(``routing``; that module also says why nodes of earlier versions must not share a prefix with
+these). Each node proves its subscription alive with heartbeats on a channel of its own, and
+gets it back with backoff after any loss (``subscription``).
 
 Modules: ``scripts`` (the Lua source), ``routing`` (key and channel names, stream ids, the
-message format), ``storage`` (append, publish, latest values, replay), ``subscription`` (the
-Pub/Sub consumer, heartbeat watchdog, reconnection), ``presence`` (every node's counts, written
-in the background), and here ``RedisBackend``, which wires them together.
+message format), ``storage`` (append, publish, latest values, replay), ``following`` (which
+users' channels to subscribe to, batched, with hysteresis), ``subscription`` (the Pub/Sub
+consumer, heartbeat watchdog, reconnection), ``presence`` (every node's counts, written in the
+background), and here ``RedisBackend``, which wires them together.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ...errors import BackendUnavailableError
 from ...protocol import ResumePoint
 from ..base import Deliver, Disconnect, Lost, Replay
 from . import routing
+from .following import Following
 from .presence import Presence
 from .routing import Disconnection, UserKeys
 from .storage import Storage
@@ -54,8 +58,16 @@ _T = TypeVar("_T")
 class RedisBackend:
     """Buffers and fan-out in Redis, for several nodes (processes or machines) as one hub.
 
+    A node receives the events of the users it holds streams of, and no others: each user's
+    events travel on a channel of the user's, which a node subscribes to as the user's first
+    stream joins it (the stream's replay is read once Redis has confirmed it) and unsubscribes
+    from ``unsubscribe_delay`` seconds after its last one left. So adding nodes spreads the
+    events over them instead of sending every event to every node. ``broadcast_to_all`` reaches
+    every node on a channel they all share. Nodes of a version before channels per user must
+    not share a ``prefix`` with these: upgrade all nodes at once, or change the prefix.
+
     :param url: a Redis URL, e.g. ``redis://127.0.0.1:6379/0``.
-    :param prefix: the prefix of every key and of the channel.
+    :param prefix: the prefix of every key and channel.
     :param timeout: seconds a publish or a replay read may take before it fails with
         ``BackendUnavailableError`` (a socket being replayed is closed with 1012).
     :param max_backoff: the longest wait, in seconds, between attempts to get the subscription
@@ -80,6 +92,11 @@ class RedisBackend:
         clock); one cut off counts again once its next write gets through. A clean ``stop()``
         removes its counts at once. Keep it a few times ``timeout``: a live node whose writes
         fail for two thirds of it drops out until one gets through.
+    :param unsubscribe_delay: seconds this node stays subscribed to a user's channel after its
+        last stream of the user left, so that clients that reconnect soon (after a deploy, a
+        network blip, a page reload) do not make it unsubscribe and subscribe again. Meanwhile
+        the user's events still reach this node, to no stream (``events_received_idle`` in
+        ``stats()["backend"]``). Subscribing costs Redis about 240 bytes per channel.
     """
 
     def __init__(
@@ -93,6 +110,7 @@ class RedisBackend:
         heartbeat_interval: float | None = 1.0,
         heartbeat_timeout: float | None = None,
         presence_ttl: float = 15.0,
+        unsubscribe_delay: float = 30.0,
     ) -> None:
         if heartbeat_interval is not None and not heartbeat_interval > 0:
             raise ValueError("heartbeat_interval must be positive (or None for no heartbeat)")
@@ -100,6 +118,8 @@ class RedisBackend:
             raise ValueError("heartbeat_timeout must be positive")
         if not (presence_ttl > 0 and math.isfinite(presence_ttl)):
             raise ValueError("presence_ttl must be a positive number of seconds")
+        if not (unsubscribe_delay >= 0 and math.isfinite(unsubscribe_delay)):
+            raise ValueError("unsubscribe_delay must be a number of seconds, 0 or more")
         self.url = url
         self._timeout = timeout
         self._deliver: Deliver | None = None
@@ -109,17 +129,23 @@ class RedisBackend:
         channel, node = routing.events_channel(prefix), secrets.token_hex(8)
         self._storage = Storage(prefix, channel, max(int(meta_ttl * 1000), 1))
         self._presence = Presence(self._health, prefix, node, presence_ttl, timeout)
+        self._following = Following(prefix, unsubscribe_delay, self._presence.count)
         self._subscription = Subscription(
             self._health,
             channel=channel,
+            following=self._following,
             heartbeat_channel=routing.heartbeat_channel(prefix, node),
             max_backoff=max_backoff,
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout if heartbeat_timeout is not None else timeout,
+            timeout=timeout,
             on_message=self._on_message,
             lost=self._on_lost,
-            subscribed=self._presence.resync,
+            subscribed=self._subscribed,
         )
+        self._events_received = 0
+        self._events_received_idle = 0
+        self._handled: str | None = None  # a disconnect just handled off a user's channel
 
     # -- public, read-only views (for operators and tests) ---------------------------------
 
@@ -139,8 +165,25 @@ class RedisBackend:
 
     @property
     def channel(self) -> str:
-        """The channel that carries every event to every node."""
+        """The channel every node subscribes to: ``broadcast_to_all``, and a copy of every
+        disconnect."""
         return self._storage.channel
+
+    def user_channel(self, user_id: str) -> str:
+        """The channel of ``user_id``'s events and disconnects."""
+        return self._storage.user_channel(user_id)
+
+    @property
+    def unsubscribe_delay(self) -> float:
+        """Seconds this node stays subscribed to a user's channel after its last stream left;
+        may be changed at run time (at once for every idle user, counted from when it left)."""
+        return self._following.delay
+
+    @unsubscribe_delay.setter
+    def unsubscribe_delay(self, value: float) -> None:
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError("unsubscribe_delay must be a number of seconds, 0 or more")
+        self._following.delay = value
 
     def keys(self, user_id: str) -> UserKeys:
         """The keys of ``user_id``'s data: ``.stream`` (its buffered events), ``.meta``,
@@ -216,12 +259,12 @@ class RedisBackend:
         if transient and key is not None:
             return await self._call(storage.publish_once, user_id, key, codec.encode(fields))
         if transient:
-            await self._call(storage.publish, routing.unbuffered(user_id, codec.encode(fields)))
+            await self._call(storage.publish, user_id, codec.encode(fields))
             return None
         return await self._call(storage.append, user_id, fields, key)
 
     async def publish_to_all(self, text: str) -> None:
-        await self._call(self._storage.publish, routing.unbuffered(None, text))
+        await self._call(self._storage.publish, None, text)
 
     async def replay(
         self, user_id: str, resume: ResumePoint | None, latest: bool = False
@@ -235,10 +278,30 @@ class RedisBackend:
         :raises ValueError: a code or reason no disconnect may have (``disconnect_close``).
         :raises BackendUnavailableError: Redis did not take it.
         """
-        await self._call(self._storage.publish, routing.disconnection(user_id, code, reason))
+        await self._call(self._storage.disconnect, user_id, code, reason)
+
+    async def follow(self, user_id: str) -> None:
+        """Subscribe to the user's channel, if this node is not subscribed yet (with others
+        joining meanwhile, in one SUBSCRIBE), and return once Redis confirmed it. The node
+        unsubscribes ``unsubscribe_delay`` seconds after its count of the user (``present``)
+        is 0 and stays so.
+
+        :raises BackendUnavailableError: not confirmed within ``timeout`` (it is subscribed
+            once it can be), or the backend is not running.
+        """
+        if not self._storage.attached:
+            raise BackendUnavailableError("the Redis backend is not running (is the hub entered?)")
+        try:
+            with anyio.fail_after(self._timeout):
+                await self._following.follow(user_id)
+        except TimeoutError as exc:
+            raise BackendUnavailableError(
+                f"Redis did not confirm the subscription within {self._timeout:g} s"
+            ) from exc
 
     def present(self, user_id: str, count: int) -> None:
         self._presence.set(user_id, count)
+        self._following.present(user_id, count)
 
     async def presence(self, user_ids: Collection[str]) -> dict[str, int]:
         return await self._call(self._presence.read, user_ids)
@@ -254,6 +317,10 @@ class RedisBackend:
                 "healthy": health.healthy,
                 "interruptions": health.interruptions,
                 "last_error": health.last_error,
+                "events_received": self._events_received,
+                "events_received_idle": self._events_received_idle,
+                "followed_users": self._following.users,
+                "user_channels": self._following.channels,
             }
         }
 
@@ -298,16 +365,28 @@ class RedisBackend:
             self._health.last_error = f"{type(exc).__name__}: {exc}"
             raise BackendUnavailableError(f"Redis did not take the request: {exc}") from exc
 
-    async def _on_message(self, data: str) -> None:
+    async def _on_message(self, channel: str, data: str) -> None:
         message = routing.decode(data)
+        handled, self._handled = self._handled, None
         if message is None:
-            logger.warning("ignored a message on %s not published by asgi-events", self.channel)
+            logger.warning("ignored a message on %s not published by asgi-events", channel)
         elif isinstance(message, Disconnection):
+            if channel == self.channel and data == handled:
+                return  # the copy of the disconnect just handled off the user's channel
+            if channel != self.channel:
+                self._handled = data
             assert self._disconnect is not None
             await self._disconnect(*message)
         else:
+            self._events_received += 1
+            if message.user_id is not None and not self._presence.count(message.user_id):
+                self._events_received_idle += 1
             assert self._deliver is not None
             await self._deliver(message)
+
+    def _subscribed(self) -> None:
+        self._handled = None
+        self._presence.resync()
 
     async def _on_lost(self) -> None:
         assert self._lost is not None

@@ -70,6 +70,10 @@ class Presence:
         """The hash of ``node``'s counts."""
         return f"{self._node_prefix}{node}"
 
+    def count(self, user_id: str) -> int:
+        """This node's streams of ``user_id`` now."""
+        return self._counts.get(user_id, 0)
+
     def set(self, user_id: str, count: int) -> None:
         """This node now holds ``count`` streams of ``user_id`` (written in the background)."""
         if count > 0:

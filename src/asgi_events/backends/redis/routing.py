@@ -8,12 +8,26 @@ trimmed; see ``storage``), ``<prefix>:{<user>}:latest`` (slot -> the text of its
 one string per idempotency key, ``<prefix>:{<user>}:idem:<key>`` (what its first publish
 returned: the event's id, empty for a transient one; it expires ``max_age`` after it).
 Presence, per node: ``<prefix>:{presence}:node:<node>`` (user -> streams) and the set of nodes
-``<prefix>:{presence}:nodes`` (see ``presence``). Channels: ``<prefix>:events`` carries every
-event to every node; ``<prefix>:heartbeat:<node>`` carries one node's heartbeats back to itself
-(``subscription``).
+``<prefix>:{presence}:nodes`` (see ``presence``).
 
-A message on ``<prefix>:events`` is an event or a disconnect. An event is three parts separated
-by the first two newlines::
+Channels:
+
+- ``<prefix>:{<user>}:ch``, one per user, in the user's hash slot (so that sharded Pub/Sub on a
+  Redis Cluster could carry it on the shard of the user's keys): every message of that user,
+  buffered and transient events, latest values, disconnects. A node subscribes to it while it
+  holds a stream of the user, and ``unsubscribe_delay`` seconds more (``following``): so a
+  node receives only the events of its own users, however many nodes share the prefix.
+- ``<prefix>:events``, which every node subscribes to: ``broadcast_to_all``, and a copy of every
+  disconnect (for nodes that do not follow the user: a stream of it may be being admitted
+  there; see below).
+- ``<prefix>:heartbeat:<node>`` carries one node's heartbeats back to itself (``subscription``).
+
+Redis hands a subscriber its messages in the order it ran the publishes, whatever their
+channels, so a node receives each user's events in id order, and a ``broadcast_to_all`` after
+every event published before it.
+
+A message on the channels of events is an event or a disconnect. An event is three parts
+separated by the first two newlines::
 
     <header>\\n<id>\\n<text>
 
@@ -30,17 +44,25 @@ A disconnect (``RedisBackend.disconnect``) is four parts separated by the first 
     !disconnect\\n<user id as JSON>\\n<code>\\n<reason>
 
 where ``code`` is decimal and ``reason`` the rest of the message (it may hold newlines); both are
-as ``protocol.disconnect_close`` takes them. It travels on the same channel as the user's events,
-so every node handles it after the events published before it. (A first part starting with
-``!`` is never JSON, so nodes of a version before disconnects ignore it with a warning.)
+as ``protocol.disconnect_close`` takes them. One script publishes it on the user's channel, in
+order with the user's events (events published before it are handled before it), and the same
+message on ``<prefix>:events`` right after, so that it also reaches nodes that do not follow
+the user: those record it for the streams of the user they are admitting (``revocations``).
+Nothing runs between the two publishes, so a node that follows the user receives the two
+copies one right after the other, and handles only the first; a node that does not receives
+only the second. (A first part starting with ``!`` is never JSON, so nodes of a version before
+disconnects ignore it with a warning.)
 
-Anything else on the channel (published by someone else, or garbled) is ignored with a warning.
+Anything else on the channels (published by someone else, or garbled) is ignored with a warning.
 
-Compatibility: before this format, a buffered event's message was
-``<header>\\n<stream id>\\n<text with id>`` and the stream kept the encoding without its closing
-brace. Nodes of the two versions must not share a prefix (each would ignore the other's
-buffered events, and replay what the other stored wrongly): upgrade all nodes at once, or move
-to a new ``prefix``.
+Compatibility: nodes of different versions must not share a prefix; upgrade all nodes at once,
+or move to a new ``prefix``. Before channels per user, every event went on ``<prefix>:events``:
+a node of that version receives no user's event published by a node of this one, and a node of
+this one receives every event of that one on the global channel, for every user (correctly
+handled, but undoing the routing). Before this message format, a buffered event's message was
+``<header>\\n<stream id>\\n<text with id>`` and the stream kept the encoding without its
+closing brace: each version would ignore the other's buffered events, and replay what the other
+stored wrongly.
 """
 
 from __future__ import annotations
@@ -116,7 +138,13 @@ def presence_keys(prefix: str) -> tuple[str, str]:
 
 
 def events_channel(prefix: str) -> str:
+    """The channel every node subscribes to: ``broadcast_to_all``, and disconnects' copies."""
     return f"{prefix}:events"
+
+
+def user_channel(prefix: str, user_id: str) -> str:
+    """The channel of every message of ``user_id`` (in the user's hash slot)."""
+    return f"{prefix}:{{{user_id}}}:ch"
 
 
 def heartbeat_channel(prefix: str, node: str) -> str:

@@ -2,9 +2,10 @@
 
 Why the id is assigned here, in Lua: appending an event to its user's stream and publishing it
 are one script, which Redis runs atomically. So the order in which events of a user enter the
-stream (their stream ids, assigned by ``XADD``) is also the order in which they are published,
-and since Redis delivers one channel's messages to every subscriber in publish order, every node
-receives each user's events in id order, whichever node published them. Assigning the id in
+stream (their stream ids, assigned by ``XADD``) is also the order in which they are published
+on the user's channel, and since Redis delivers one channel's messages to every subscriber in
+publish order, every node following the user receives its events in id order, whichever node
+published them. Assigning the id in
 Python, before or after the append, would leave a window in which another node's event could
 be appended or published in between, and nodes could then see two orders.
 
@@ -26,6 +27,10 @@ publishes (``APPEND``, ``PUBLISH_LATEST``, and ``PUBLISH_ONCE`` for a transient 
 found means a publish of it already happened, and the script returns what that one returned
 and does nothing else; otherwise it publishes and records the key (``PX`` max_age). Being in
 the same script, two calls racing with one key publish once, on any nodes.
+
+Every script that publishes an event of a user publishes it on the user's channel
+(``routing.user_channel``); ``DISCONNECT`` publishes a disconnect there and on the channel every
+node subscribes to, with nothing in between (see ``routing``).
 """
 
 from __future__ import annotations
@@ -108,7 +113,7 @@ return {epoch, id}
 )
 """Buffer one event and publish it. KEYS: stream, meta, and the idempotency key if there is
 one. ARGV: size, max_age_ms, meta_ttl_ms, the encoded event without id, its timestamp, the
-channel, the message header (``routing``), a fresh epoch (used if the user has none). The
+user's channel, the message header (``routing``), a fresh epoch (used if the user has none). The
 stream entry's fields: ``b`` the encoded event without id, ``t`` its own timestamp. Returns
 ``{epoch, stream id}``: the event's id; or, if the idempotency key was there, ``{what it
 holds}`` (the first publish's id, empty if that was transient) and nothing was done."""
@@ -179,7 +184,7 @@ return false
 latest (slot -> text), latest-at (slot -> when set, in microseconds of Redis' clock, strictly
 increasing per user so that the order of updates is kept within a microsecond too), and the
 idempotency key if there is one. ARGV: the slot, the event's text, max_age_us, the most slots
-kept (the least recently updated go), the channel, the message (``routing.unbuffered``),
+kept (the least recently updated go), the user's channel, the message (``routing.unbuffered``),
 max_age_ms. Values set ``max_age`` ago or earlier are dropped; both keys expire with the
 newest value. Returns nil; or, if the idempotency key was there, what it holds (and nothing
 was done)."""
@@ -192,8 +197,17 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return false
 """
 """Publish a transient event unless its idempotency key was there. KEYS: the idempotency key.
-ARGV: max_age_ms, the channel, the message (``routing.unbuffered``). Returns nil; or, if the
-key was there, what it holds (and nothing was published)."""
+ARGV: max_age_ms, the user's channel, the message (``routing.unbuffered``). Returns nil; or,
+if the key was there, what it holds (and nothing was published)."""
+
+DISCONNECT = """
+redis.call('PUBLISH', ARGV[1], ARGV[3])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return false
+"""
+"""Publish a disconnect on the user's channel and on every node's channel, with nothing in
+between. ARGV: the user's channel, the channel of every node, the message
+(``routing.disconnection``)."""
 
 PRESENCE = """
 local t = redis.call('TIME')

@@ -20,6 +20,9 @@ An idempotency key of a user is a string ``<prefix>:{<user>}:idem:<key>`` holdin
 first publish returned (the id, empty for a transient event), expiring ``max_age`` after it;
 the script that publishes reads and writes it (``scripts``). There is no bound on how many
 keys Redis holds besides that expiry (and Redis' own ``maxmemory`` policy).
+
+Every message of a user is published on the user's channel; ``broadcast_to_all`` on the channel
+of every node, and a disconnect on both (``routing``).
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ if TYPE_CHECKING:
 class Storage:
     """One node's access to the shared data, through a command client it is attached to.
 
-    :param prefix: the prefix of every key.
-    :param channel: the channel every event is published on.
+    :param prefix: the prefix of every key and channel.
+    :param channel: the channel of every node (``broadcast_to_all``, disconnects' copies).
     :param meta_ttl_ms: milliseconds a user's meta hash outlives its last event.
     """
 
@@ -61,6 +64,12 @@ class Storage:
         self._replay: Script[str] | None = None
         self._latest: Script[str] | None = None
         self._once: Script[str] | None = None
+        self._disconnect: Script[str] | None = None
+
+    @property
+    def attached(self) -> bool:
+        """Whether there is a client to run commands through (the backend is running)."""
+        return self._client is not None
 
     def attach(self, client: coredis.Redis[str]) -> None:
         """Use ``client`` for every command from now on (until ``detach``)."""
@@ -69,15 +78,20 @@ class Storage:
         self._replay = client.register_script(scripts.REPLAY)
         self._latest = client.register_script(scripts.PUBLISH_LATEST)
         self._once = client.register_script(scripts.PUBLISH_ONCE)
+        self._disconnect = client.register_script(scripts.DISCONNECT)
 
     def detach(self) -> None:
         self._client = self._append = self._replay = self._latest = self._once = None
+        self._disconnect = None
 
     def keys(self, user_id: str) -> UserKeys:
         return routing.user_keys(self.prefix, user_id)
 
     def idempotency_key(self, user_id: str, key: str) -> str:
         return routing.idempotency_key(self.prefix, user_id, key)
+
+    def user_channel(self, user_id: str) -> str:
+        return routing.user_channel(self.prefix, user_id)
 
     async def append(
         self, user_id: str, fields: dict[str, Any], idempotency_key: str | None = None
@@ -92,7 +106,7 @@ class Storage:
             self._meta_ttl_ms,
             codec.encode(fields),
             timestamp if isinstance(timestamp, str) else "",
-            self.channel,
+            self.user_channel(user_id),
             routing.header(user_id),
             secrets.token_hex(8),
         ]
@@ -116,21 +130,34 @@ class Storage:
         if idempotency_key is not None:
             keys.append(self.idempotency_key(user_id, idempotency_key))
         args: list[str | int] = [slot, text, self.max_age_ms * 1000, LATEST_PER_USER]
-        args += [self.channel, routing.unbuffered(user_id, text), self.max_age_ms]
+        args += [self.user_channel(user_id), routing.unbuffered(user_id, text), self.max_age_ms]
         return _seen(await _running(self._latest)(keys=keys, args=args))
 
     async def publish_once(self, user_id: str, idempotency_key: str, text: str) -> str | None:
         """Publish a transient event of ``user_id`` unless ``idempotency_key`` was published
         already (then return what that publish returned); None."""
         keys = [self.idempotency_key(user_id, idempotency_key)]
-        args: list[str | int] = [self.max_age_ms, self.channel, routing.unbuffered(user_id, text)]
+        message = routing.unbuffered(user_id, text)
+        args: list[str | int] = [self.max_age_ms, self.user_channel(user_id), message]
         return _seen(await _running(self._once)(keys=keys, args=args))
 
-    async def publish(self, message: str) -> None:
-        """Publish a message that is not buffered (see ``routing.unbuffered``)."""
+    async def publish(self, user_id: str | None, text: str) -> None:
+        """Publish an event that is not buffered: a transient one of ``user_id`` on its channel,
+        or one for every stream (None) on the channel of every node."""
         if self._client is None:
             raise _not_running()
-        await self._client.publish(self.channel, message)
+        channel = self.channel if user_id is None else self.user_channel(user_id)
+        await self._client.publish(channel, routing.unbuffered(user_id, text))
+
+    async def disconnect(self, user_id: str, code: int, reason: str) -> None:
+        """Publish a disconnect on the user's channel and the channel of every node, in one
+        script (see ``routing``).
+
+        :raises ValueError: a code or reason no disconnect may have.
+        """
+        message = routing.disconnection(user_id, code, reason)
+        args: list[str | int] = [self.user_channel(user_id), self.channel, message]
+        await _running(self._disconnect)(keys=[], args=args)
 
     async def replay(self, user_id: str, resume: ResumePoint | None, latest: bool) -> Replay:
         """The user's position, what follows ``resume`` and, with ``latest``, its latest values

@@ -1,5 +1,9 @@
 """The Pub/Sub subscription of one node: consuming it, proving it alive, getting it back.
 
+One connection subscribes to the channel of every node, to this node's heartbeat channel, and
+to the channels of the users this node follows (``following``, whose task runs beside the
+consumer and sends every further SUBSCRIBE and UNSUBSCRIBE on it).
+
 A silent partition (no error, no TCP reset: a frozen Redis, dropped packets) would leave a
 subscription that looks alive and delivers nothing. So each node also subscribes to a channel
 of its own, ``<prefix>:heartbeat:<node>``, publishes a heartbeat there through its command
@@ -7,7 +11,8 @@ connection every ``heartbeat_interval`` seconds, and expects it back on its subs
 Redis delivers a connection's messages in order, so a heartbeat that comes back proves that
 everything published before it came back too. When one does not (or cannot be published), the
 subscription is treated as lost, exactly as if it had failed with an error: the node is marked
-unhealthy, told (``lost``), and subscribes again with exponential backoff and full jitter.
+unhealthy, told (``lost``), and subscribes again with exponential backoff and full jitter. A
+new subscription counts as up once every followed user's channel is subscribed again.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import anyio
 import coredis
 from anyio.abc import TaskStatus
 from coredis.patterns.pubsub import PubSub
+
+from .following import Following
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -77,16 +84,19 @@ def closing_quietly() -> Iterator[None]:
 
 
 class Subscription:
-    """Consumes ``channel`` (and the heartbeat channel) until cancelled, resubscribing after
-    every loss.
+    """Consumes ``channel``, the heartbeat channel and the followed users' channels until
+    cancelled, resubscribing after every loss.
 
     :param health: updated as the subscription comes and goes.
-    :param channel: the channel of events; each message's data goes to ``on_message``.
+    :param channel: the channel of every node.
+    :param following: the users whose channels to subscribe to, and its task.
     :param heartbeat_channel: this node's own channel for heartbeats.
     :param max_backoff: the longest wait, in seconds, between attempts to subscribe.
     :param heartbeat_interval: seconds between heartbeats; None for none.
     :param heartbeat_timeout: seconds a heartbeat may take to come back.
-    :param on_message: called with each message on ``channel``, in order.
+    :param timeout: seconds Redis may take to confirm a SUBSCRIBE.
+    :param on_message: called with the channel and data of each message but heartbeats, in
+        order.
     :param lost: called (and awaited) after a subscription that was up is lost.
     :param subscribed: called each time the subscription is (again) up.
     """
@@ -96,16 +106,20 @@ class Subscription:
         health: Health,
         *,
         channel: str,
+        following: Following,
         heartbeat_channel: str,
         max_backoff: float,
         heartbeat_interval: float | None,
         heartbeat_timeout: float,
-        on_message: Callable[[str], Awaitable[None]],
+        timeout: float,
+        on_message: Callable[[str, str], Awaitable[None]],
         lost: Callable[[], Awaitable[None]],
         subscribed: Callable[[], None] = lambda: None,
     ) -> None:
         self.health = health
         self.channel = channel
+        self.following = following
+        self.timeout = timeout
         self.heartbeat_channel = heartbeat_channel
         self.max_backoff = max_backoff
         self.heartbeat_interval = heartbeat_interval
@@ -137,14 +151,21 @@ class Subscription:
             self._beat_failure = None
             try:
                 async with subscriber.pubsub(
-                    channels=channels, ignore_subscribe_messages=True, retry_policy=None
+                    channels=channels,
+                    ignore_subscribe_messages=True,
+                    retry_policy=None,
+                    subscription_timeout=self.timeout,
                 ) as pubsub:
-                    health.healthy, delay = True, 0.1
-                    self._subscribed()
-                    if not started:
-                        started = True
-                        task_status.started()
-                    await self._consume(client, pubsub)
+                    try:
+                        await self.following.resubscribe(pubsub)
+                        health.healthy, delay = True, 0.1
+                        self._subscribed()
+                        if not started:
+                            started = True
+                            task_status.started()
+                        await self._consume(client, pubsub)
+                    finally:
+                        self.following.detach()
             except Exception as exc:  # coredis wraps connection errors in exception groups
                 health.failed(exc)
             if self._beat_failure is not None:  # (the connection closed for it, maybe raising)
@@ -167,14 +188,15 @@ class Subscription:
         async with anyio.create_task_group() as watched:
             if self.heartbeat_interval is not None:
                 watched.start_soon(self._watchdog, client, pubsub, watched.cancel_scope)
+            watched.start_soon(self.following.run, pubsub)
             async for message in pubsub:
                 self._last_seen = anyio.current_time()
-                data = str(message["data"])
-                if message["channel"] == self.heartbeat_channel:  # not an event: never delivered
+                data, channel = str(message["data"]), str(message["channel"])
+                if channel == self.heartbeat_channel:  # not an event: never delivered
                     if data == str(self.heartbeats_sent):
                         self._beat_back.set()
                     continue
-                await self._on_message(data)
+                await self._on_message(channel, data)
             watched.cancel_scope.cancel()  # the subscription ended: the watchdog goes with it
 
     async def _watchdog(
