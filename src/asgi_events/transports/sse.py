@@ -78,6 +78,9 @@ class SSEWire:
         return {"type": "http.response.body", "body": frame, "more_body": False}
 
     def batch(self, queue: deque[Message], limit: int) -> tuple[Message, int, int]:
+        if len(queue) == 1:  # (steady traffic) the shared message itself: no copy per stream
+            message = queue.popleft()
+            return message, 1, int(type(message) is DurableMessage)
         chunks: list[bytes] = []
         size = durable = 0
         while queue and size < limit:
