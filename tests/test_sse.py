@@ -162,3 +162,24 @@ async def test_sse_streams_count_with_sockets(serve: ServeFn, sse: Any, connect:
             assert await close_code(ws) == (1008, "Too many connections")  # displaced
             await hub.broadcast("alice", {"type": "THERE"})
             assert (await s.fields())["data"]["type"] == "THERE"
+
+
+async def test_a_bearer_token_and_authenticate_work_as_on_the_socket(
+    serve: ServeFn, sse: Any
+) -> None:
+    server = await serve()
+    async with sse(f"{server.url}/ws", {"authorization": "Bearer tok-alice"}) as s:
+        assert s.status == 200
+        await s.until_ready()
+
+    def by_header(request: Any) -> str | None:
+        return request.headers.get("x-user")
+
+    hub = EventHub(authenticate=by_header)
+    other = await serve(hub=hub)
+    async with sse(f"{other.url}/ws", {"x-user": "bob"}) as s:
+        await s.until_ready()
+        await hub.broadcast("bob", {"type": "HI"})
+        assert (await s.fields())["data"]["type"] == "HI"
+    async with sse(f"{other.url}/ws") as s:
+        assert s.status == 401
