@@ -6,6 +6,7 @@ Started as ``fanout.py --serve SERVER VARIANT FD``; it runs until ``POST /shutdo
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from typing import Any
 
@@ -21,6 +22,11 @@ from .common import (
 )
 
 UVICORN_WS_CHOICES = ("auto", "websockets", "websockets-sansio", "wsproto")
+
+
+# uvicorn's HTTP implementation (SSE streams go through it): h11 by default, the same on every
+# machine; FANBENCH_UVICORN_HTTP=httptools measures uvicorn's C parser (pip install httptools).
+UVICORN_HTTP = os.environ.get("FANBENCH_UVICORN_HTTP", "h11")
 
 
 def uvicorn_ws_name(choice: str) -> str:
@@ -40,7 +46,7 @@ def server_description(server: str, uvicorn_ws: str) -> str:
 
     if server == "uvicorn":
         return (
-            f"uvicorn {version('uvicorn')} (ws={uvicorn_ws_name(uvicorn_ws)}, http=h11, "
+            f"uvicorn {version('uvicorn')} (ws={uvicorn_ws_name(uvicorn_ws)}, http={UVICORN_HTTP}, "
             "stdlib asyncio loop, access log off, lifespan on)"
         )
     return f"hypercorn {version('hypercorn')} ({server.split('-')[1]} worker, access log off)"
@@ -77,7 +83,7 @@ async def serve_uvicorn(app: ASGIApp, control: Control, fd: int, ws: str) -> Non
     config = uvicorn.Config(
         app,
         ws=ws,
-        http="h11",
+        http=UVICORN_HTTP,
         lifespan="on",
         access_log=False,
         log_level="warning",
