@@ -20,13 +20,13 @@ import anyio
 
 from .. import codec, protocol
 from ..auth import normalize_origin, parse_handshake
-from ..errors import BackendUnavailableError
 from ..protocol import Close, ResumePoint
 from ..request import HandshakeRequest
 from ..stream import State, Stream
 from ..streams import Streams
 from ..types import Message, Receive, Scope, Send
 from ..wire import DurableMessage, TransientMessage
+from . import lifecycle
 
 logger = logging.getLogger("asgi_events")
 
@@ -141,34 +141,13 @@ async def serve(
         client=request.client,
         admitted_at=started,
     )
-    outbox = stream.outbox
-    try:
-        with stream.cancel_scope:
-            try:
-                await streams.attach(stream)  # join live delivery and queue the replay, atomically
-            except BackendUnavailableError:
-                stream.close(protocol.SERVICE_RESTART)
-            await _start(send, cors)
-            if stream.state is State.CONNECTING:
-                stream.to(State.OPEN)
-            sent_for = streams.start(stream)
-            async with anyio.create_task_group() as tg:
-                if not sent_for:  # the hub is not running: a writer of its own
-                    tg.start_soon(outbox.run)
-                if stream.expires_at is not None:
-                    tg.start_soon(stream.expire)
-                if stream.state is State.OPEN:
-                    await streams.opened(stream)
-                await _read(stream, receive, streams.settings.sse_keepalive)
-                tg.cancel_scope.cancel()
-    except anyio.get_cancelled_exc_class():
-        await stream.say_goodbye(send)  # cancelled from outside (the server stops)
-        raise
-    finally:
-        outbox.abandon()  # the peer is gone, or the response is complete
-        stream.to(State.CLOSED)
-        streams.detach(stream)
-        await streams.ended(stream)
+    await lifecycle.run(
+        streams,
+        stream,
+        send,
+        lambda: _start(send, cors),
+        lambda: _read(stream, receive, streams.settings.sse_keepalive),
+    )
 
 
 async def _start(send: Send, cors: list[tuple[bytes, bytes]]) -> None:

@@ -16,7 +16,6 @@ import anyio
 
 from .. import codec, protocol
 from ..auth import Handshake, normalize_origin, parse_handshake
-from ..errors import BackendUnavailableError
 from ..limits import TokenBucket
 from ..protocol import BATCH_SUBPROTOCOL, Close
 from ..request import HandshakeRequest
@@ -24,6 +23,7 @@ from ..stream import State, Stream
 from ..streams import Streams
 from ..types import Message, Receive, Scope, Send
 from ..wire import DurableMessage, TransientMessage
+from . import lifecycle
 
 logger = logging.getLogger("asgi_events")
 
@@ -105,42 +105,13 @@ async def serve(
         client=request.client,
         admitted_at=started,
     )
-    outbox = stream.outbox
-    try:
-        with stream.cancel_scope:
-            # Join before accepting: a client that sees the handshake complete misses nothing.
-            try:
-                await streams.attach(stream)  # join live delivery and queue the replay, atomically
-            except BackendUnavailableError:
-                stream.close(protocol.SERVICE_RESTART)
-            await send(_accept(handshake))
-            if stream.state is State.CONNECTING:  # (not closed by a shutdown meanwhile)
-                stream.to(State.OPEN)
-            sent_for = streams.start(stream)
-            if not sent_for or stream.expires_at is not None:
-                async with anyio.create_task_group() as tg:
-                    if not sent_for:  # the hub is not running: a writer of its own
-                        tg.start_soon(outbox.run)
-                    if stream.expires_at is not None:
-                        tg.start_soon(stream.expire)
-                    await _live(stream, receive, streams)
-                    tg.cancel_scope.cancel()
-            else:  # (no task group: an idle socket costs as little as it can)
-                await _live(stream, receive, streams)
-    except anyio.get_cancelled_exc_class():
-        await stream.say_goodbye(send)  # cancelled from outside (the server stops)
-        raise
-    finally:
-        outbox.abandon()  # the peer is gone: no more sends, no more pushes
-        stream.to(State.CLOSED)
-        streams.detach(stream)
-        await streams.ended(stream)
-
-
-async def _live(stream: Stream, receive: Receive, streams: Streams) -> None:
-    if stream.state is State.OPEN:
-        await streams.opened(stream)
-    await _read(stream, receive, streams)
+    await lifecycle.run(
+        streams,
+        stream,
+        send,
+        lambda: send(_accept(handshake)),
+        lambda: _read(stream, receive, streams),
+    )
 
 
 def _accept(handshake: Handshake) -> Message:
