@@ -10,7 +10,7 @@ leaving (``detach``), and the counters. It knows no ASGI message: a transport ha
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import anyio
@@ -247,10 +247,13 @@ class Streams:
             stream.close(close)
             self.detach(stream)
 
-    async def lost(self) -> None:
-        """Delivery was interrupted: this node's streams may have missed events. Close them
-        with 1012 so that their clients resume (here or on another node) without a gap."""
+    async def lost(self, affected: Callable[[str], bool] | None = None) -> None:
+        """Delivery was interrupted: this node's streams (of the users ``affected`` says, or
+        all) may have missed events. Close them with 1012 so that their clients resume (here
+        or on another node) without a gap."""
         for stream in list(self._registry.all()):
+            if affected is not None and not affected(stream.user_id):
+                continue
             stream.close(protocol.SERVICE_RESTART)
             self.detach(stream)
 

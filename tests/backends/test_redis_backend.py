@@ -82,7 +82,8 @@ async def test_the_message_and_the_stream_carry_the_event_without_its_id(
             entries = await client.xrange(redis(node).keys("alice").stream)
     event_id = delivered[0].id
     assert event_id is not None
-    bye = '!disconnect\n"alice"\n4003\nDisconnected'
+    bye = messages[3][1]
+    assert bye.startswith('!disconnect\n"alice"\n4003\n') and bye.endswith("\nDisconnected")
     assert messages == [
         (alice, f'"alice"\n{event_id}\n{codec.encode(buffered)}'),
         (alice, f'"alice"\n\n{codec.encode(transient)}'),
@@ -118,29 +119,31 @@ def test_routing_decodes_only_its_own_messages() -> None:
         '"alice"\ne1.99999999999999999999-0\n{}',
         "[" * 100_000 + "\n\n{}",
         "!disconnect",
-        '!disconnect\n"alice"\n4003',  # no reason part
-        '!disconnect\n"alice"\n999\nx',  # not a code a disconnect may have
-        '!disconnect\n"alice"\n04003\nx',
-        '!disconnect\n"alice"\n' + "9" * 5000 + "\nx",
-        '!disconnect\n"alice"\n4003\n' + "x" * 124,  # a reason too long for a close frame
-        "!disconnect\nnull\n4003\nx",
-        '!disconnect\n["alice"]\n4003\nx',
-        '!other\n"alice"\n4003\nx',
+        '!disconnect\n"alice"\n4003\nn',  # no reason part
+        '!disconnect\n"alice"\n4003\nx',  # no nonce (the format before nonces)
+        '!disconnect\n"alice"\n999\nn\nx',  # not a code a disconnect may have
+        '!disconnect\n"alice"\n04003\nn\nx',
+        '!disconnect\n"alice"\n' + "9" * 5000 + "\nn\nx",
+        '!disconnect\n"alice"\n4003\nn\n' + "x" * 124,  # too long for a close frame
+        "!disconnect\nnull\n4003\nn\nx",
+        '!disconnect\n["alice"]\n4003\nn\nx',
+        '!other\n"alice"\n4003\nn\nx',
     ]:
         assert decode(junk) is None, junk
 
 
 def test_routing_carries_disconnects() -> None:
     for user_id, code, reason in [("alice", 4003, "Disconnected"), ("a\nb", 1000, "")]:
-        message = disconnection(user_id, code, reason)
-        assert decode(message) == Disconnection(user_id, code, reason)
-    assert disconnection("alice", 4100, "bye\nnow é") == '!disconnect\n"alice"\n4100\nbye\nnow é'
-    assert decode('!disconnect\n"alice"\n4100\nbye\nnow') == Disconnection(
-        "alice", 4100, "bye\nnow"
+        message = disconnection(user_id, code, reason, "n1")
+        assert decode(message) == Disconnection(user_id, code, reason, "n1")
+    bye = disconnection("alice", 4100, "bye\nnow é", "n2")
+    assert bye == '!disconnect\n"alice"\n4100\nn2\nbye\nnow é'
+    assert decode('!disconnect\n"alice"\n4100\nn3\nbye\nnow') == Disconnection(
+        "alice", 4100, "bye\nnow", "n3"
     )
     for code, reason in [(999, ""), (1001, ""), (5000, ""), (4000, "x" * 124)]:
         with pytest.raises(ValueError):
-            disconnection("alice", code, reason)
+            disconnection("alice", code, reason, "n4")
 
 
 async def test_foreign_messages_on_the_channel_are_ignored(redis_server: RedisServer) -> None:

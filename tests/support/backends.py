@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +58,8 @@ class Node:
     losses: int = 0
     disconnects: list[tuple[str, int, str]] = field(default_factory=list)
     disconnected_after: list[int] = field(default_factory=list)
+    affected: list[Callable[[str], bool] | None] = field(default_factory=list)
+    """For each loss, which users it concerned (None: all)."""
     """For each disconnect, how many events had been delivered before it."""
     _changed: anyio.Event = field(default_factory=anyio.Event)
 
@@ -72,8 +74,9 @@ class Node:
         self._changed.set()
         self._changed = anyio.Event()
 
-    async def lost(self) -> None:
+    async def lost(self, affected: Callable[[str], bool] | None = None) -> None:
         self.losses += 1
+        self.affected.append(affected)
         self._changed.set()
         self._changed = anyio.Event()
 

@@ -60,8 +60,11 @@ or the messages they send. The contract, which ``tests/backends/`` checks for ev
   (``present``, on every change); ``presence`` sums them over the live nodes. A node that
   stops without saying goodbye stops counting within a bound the backend documents.
 - **Loss.** When delivery may have been interrupted (a lost subscription), the backend sets
-  ``healthy`` to False and awaits ``lost()``: the hub closes every stream with 1012 so that
-  clients resume. While unhealthy, new streams are refused. It recovers by itself.
+  ``healthy`` to False and awaits ``lost(None)``: the hub closes every stream with 1012 so
+  that clients resume. While unhealthy, new streams are refused. It recovers by itself. A
+  backend whose delivery is split (a Redis Cluster's shards) may lose a part only: it awaits
+  ``lost(affected)`` with a test of the users concerned, stays ``healthy``, and refuses the
+  new streams of those users from ``follow`` until that part is back.
 """
 
 from __future__ import annotations
@@ -96,8 +99,9 @@ class Published(NamedTuple):
 Deliver = Callable[[Published], Awaitable[None]]
 """Fan one event out to this node's streams."""
 
-Lost = Callable[[], Awaitable[None]]
-"""Called when delivery was interrupted: events may have been missed, so streams must go."""
+Lost = Callable[[Callable[[str], bool] | None], Awaitable[None]]
+"""Called when delivery was interrupted: events may have been missed, so streams must go:
+those of the users for whom the callable it is given is true, or every one (None)."""
 
 Disconnect = Callable[[str, int, str], Awaitable[None]]
 """``(user_id, code, reason)``: close every stream of the user on this node."""

@@ -21,7 +21,6 @@ background), and here ``RedisBackend``, which wires them together.
 
 from __future__ import annotations
 
-import logging
 import math
 import secrets
 from collections.abc import Awaitable, Callable, Collection
@@ -30,26 +29,26 @@ from typing import Any, ParamSpec, TypeVar
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from ... import codec
-from ...errors import BackendUnavailableError
-from ...protocol import ResumePoint
-from ..base import Deliver, Disconnect, Lost, Replay
-from . import routing
-from .following import Following
-from .presence import Presence
-from .routing import Disconnection, UserKeys
-from .storage import Storage
-from .subscription import Health, Subscription, closing_quietly
-
 try:
     import coredis
     from coredis.retry import NoRetryPolicy
 except ImportError as exc:  # pragma: no cover
     raise ImportError("RedisBackend needs coredis: pip install 'asgi-events[redis]'") from exc
 
-__all__ = ("RedisBackend",)
+from ... import codec
+from ...errors import BackendUnavailableError
+from ...protocol import ResumePoint
+from ..base import Deliver, Disconnect, Lost, Replay
+from . import routing
+from .cluster import ClusterLinks, startup_node
+from .inbox import Inbox
+from .presence import Presence
+from .routing import UserKeys
+from .single import SingleLink
+from .storage import Storage
+from .subscription import Health, closing_quietly
 
-logger = logging.getLogger("asgi_events")
+__all__ = ("RedisBackend",)
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -111,6 +110,7 @@ class RedisBackend:
         heartbeat_timeout: float | None = None,
         presence_ttl: float = 15.0,
         unsubscribe_delay: float = 30.0,
+        cluster: bool = False,
     ) -> None:
         if heartbeat_interval is not None and not heartbeat_interval > 0:
             raise ValueError("heartbeat_interval must be positive (or None for no heartbeat)")
@@ -122,30 +122,32 @@ class RedisBackend:
             raise ValueError("unsubscribe_delay must be a number of seconds, 0 or more")
         self.url = url
         self._timeout = timeout
-        self._deliver: Deliver | None = None
         self._lost: Lost | None = None
-        self._disconnect: Disconnect | None = None
         self._health = Health()
+        self._delay = unsubscribe_delay
         channel, node = routing.events_channel(prefix), secrets.token_hex(8)
-        self._storage = Storage(prefix, channel, max(int(meta_ttl * 1000), 1))
+        self._storage = Storage(prefix, channel, max(int(meta_ttl * 1000), 1), sharded=cluster)
         self._presence = Presence(self._health, prefix, node, presence_ttl, timeout)
-        self._following = Following(prefix, unsubscribe_delay, self._presence.count)
-        self._subscription = Subscription(
-            self._health,
-            channel=channel,
-            following=self._following,
-            heartbeat_channel=routing.heartbeat_channel(prefix, node),
-            max_backoff=max_backoff,
-            heartbeat_interval=heartbeat_interval,
-            heartbeat_timeout=heartbeat_timeout if heartbeat_timeout is not None else timeout,
-            timeout=timeout,
-            on_message=self._on_message,
-            lost=self._on_lost,
-            subscribed=self._subscribed,
-        )
-        self._events_received = 0
-        self._events_received_idle = 0
-        self._handled: str | None = None  # a disconnect just handled off a user's channel
+        self._inbox = Inbox(channel, self._presence.count, self._follows)
+        shared: dict[str, Any] = {
+            "health": self._health,
+            "prefix": prefix,
+            "node": node,
+            "channel": channel,
+            "timeout": timeout,
+            "delay": unsubscribe_delay,
+            "count": self._presence.count,
+            "on_message": self._inbox.handle,
+            "subscribed": self._subscribed,
+            "max_backoff": max_backoff,
+            "heartbeat_interval": heartbeat_interval,
+            "heartbeat_timeout": heartbeat_timeout if heartbeat_timeout is not None else timeout,
+        }
+        self._links: SingleLink | ClusterLinks
+        if cluster:
+            self._links = ClusterLinks(url, lost=self._on_lost, **shared)
+        else:
+            self._links = SingleLink(url, lost=self._on_lost, **shared)
 
     # -- public, read-only views (for operators and tests) ---------------------------------
 
@@ -177,13 +179,15 @@ class RedisBackend:
     def unsubscribe_delay(self) -> float:
         """Seconds this node stays subscribed to a user's channel after its last stream left;
         may be changed at run time (at once for every idle user, counted from when it left)."""
-        return self._following.delay
+        return self._delay
 
     @unsubscribe_delay.setter
     def unsubscribe_delay(self, value: float) -> None:
         if not (value >= 0 and math.isfinite(value)):
             raise ValueError("unsubscribe_delay must be a number of seconds, 0 or more")
-        self._following.delay = value
+        self._delay = value
+        for following in self._links.followings():
+            following.delay = value
 
     def keys(self, user_id: str) -> UserKeys:
         """The keys of ``user_id``'s data: ``.stream`` (its buffered events), ``.meta``,
@@ -201,20 +205,22 @@ class RedisBackend:
 
     @property
     def heartbeats_sent(self) -> int:
-        """Heartbeats this node has sent so far (0 with ``heartbeat_interval=None``)."""
-        return self._subscription.heartbeats_sent
+        """Heartbeats this node has sent so far on its subscription to every node's channel
+        (0 with ``heartbeat_interval=None``)."""
+        return self._links.subscription.heartbeats_sent
 
     @property
     def heartbeat_timeout(self) -> float:
         """Seconds a heartbeat may take to come back; may be changed at run time (it applies
         from the next heartbeat)."""
-        return self._subscription.heartbeat_timeout
+        return self._links.subscription.heartbeat_timeout
 
     @heartbeat_timeout.setter
     def heartbeat_timeout(self, value: float) -> None:
         if not value > 0:
             raise ValueError("heartbeat_timeout must be positive")
-        self._subscription.heartbeat_timeout = value
+        for subscription in self._links.subscriptions():
+            subscription.heartbeat_timeout = value
 
     # -- the backend contract --------------------------------------------------------------
 
@@ -229,7 +235,7 @@ class RedisBackend:
         max_users: int | None,
     ) -> None:
         # ``max_users`` does not apply: users' keys expire in Redis by themselves.
-        self._deliver, self._lost, self._disconnect = deliver, lost, disconnect
+        self._lost, self._inbox.deliver, self._inbox.disconnect = lost, deliver, disconnect
         self._storage.size, self._storage.max_age_ms = size, max(int(max_age * 1000), 1)
 
     async def start(self, task_group: TaskGroup) -> None:
@@ -291,9 +297,12 @@ class RedisBackend:
         """
         if not self._storage.attached:
             raise BackendUnavailableError("the Redis backend is not running (is the hub entered?)")
+        route = self._links.route(user_id)
+        if route is None or not route[1].healthy:
+            raise BackendUnavailableError("the subscription to this user's Redis shard is down")
         try:
             with anyio.fail_after(self._timeout):
-                await self._following.follow(user_id)
+                await route[0].follow(user_id)
         except TimeoutError as exc:
             raise BackendUnavailableError(
                 f"Redis did not confirm the subscription within {self._timeout:g} s"
@@ -301,7 +310,9 @@ class RedisBackend:
 
     def present(self, user_id: str, count: int) -> None:
         self._presence.set(user_id, count)
-        self._following.present(user_id, count)
+        route = self._links.route(user_id)
+        if route is not None:
+            route[0].present(user_id, count)
 
     async def presence(self, user_ids: Collection[str]) -> dict[str, int]:
         return await self._call(self._presence.read, user_ids)
@@ -310,47 +321,47 @@ class RedisBackend:
         pass  # shared by every node: one node's shutdown must not empty it
 
     def stats(self) -> dict[str, Any]:
-        health = self._health
-        return {
-            "backend": {
-                "kind": "redis",
-                "healthy": health.healthy,
-                "interruptions": health.interruptions,
-                "last_error": health.last_error,
-                "events_received": self._events_received,
-                "events_received_idle": self._events_received_idle,
-                "followed_users": self._following.users,
-                "user_channels": self._following.channels,
-            }
+        health, followings = self._health, self._links.followings()
+        inbox = self._inbox
+        stats: dict[str, Any] = {
+            "kind": "redis",
+            "healthy": health.healthy,
+            "interruptions": health.interruptions,
+            "last_error": health.last_error,
+            "events_received": inbox.events_received,
+            "events_received_idle": inbox.events_received_idle,
+            "followed_users": sum(following.users for following in followings),
+            "user_channels": sum(following.channels for following in followings),
         }
+        if isinstance(self._links, ClusterLinks):
+            stats["shards"] = [shard.stats() for shard in self._links.shards]
+        return {"backend": stats}
 
     # -- internals -------------------------------------------------------------------------
 
     async def _run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        # The subscription has a client (a pool) of its own: a connection given up after a
-        # missed heartbeat is closed without touching commands in flight on the others, and a
-        # connection left half-subscribed after a failed attempt never carries commands. Its
-        # connect and handshake are bounded, so attempts against a frozen Redis fail in time.
-        subscriber = coredis.Redis[str].from_url(
-            self.url,
-            decode_responses=True,
-            connect_timeout=self._timeout,
-            stream_timeout=self._timeout,
-        )
+        # No retries: appending is not idempotent, and a retry after a reply lost on the way
+        # could append an event twice. A failed call raises to the caller.
+        client: coredis.Redis[str] | coredis.RedisCluster[str]
+        if isinstance(self._links, ClusterLinks):
+            client = coredis.RedisCluster[str].from_url(
+                self.url,
+                decode_responses=True,
+                retry_policy=NoRetryPolicy(),
+                # (coredis 6.9 makes a deprecated kind of startup node from the URL by itself)
+                startup_nodes=[startup_node(self.url)],
+            )
+        else:
+            client = coredis.Redis[str].from_url(
+                self.url, decode_responses=True, retry_policy=NoRetryPolicy()
+            )
         with closing_quietly():
-            async with (
-                # No retries: appending is not idempotent, and a retry after a reply lost on
-                # the way could append an event twice. A failed call raises to the caller.
-                coredis.Redis[str].from_url(
-                    self.url, decode_responses=True, retry_policy=NoRetryPolicy()
-                ) as client,
-                subscriber,
-            ):
+            async with client:
                 self._storage.attach(client)
                 try:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(self._presence.run, client)
-                        await self._subscription.run(client, subscriber, task_status)
+                        await self._links.run(client, task_status)
                 finally:
                     self._storage.detach()
 
@@ -365,29 +376,13 @@ class RedisBackend:
             self._health.last_error = f"{type(exc).__name__}: {exc}"
             raise BackendUnavailableError(f"Redis did not take the request: {exc}") from exc
 
-    async def _on_message(self, channel: str, data: str) -> None:
-        message = routing.decode(data)
-        handled, self._handled = self._handled, None
-        if message is None:
-            logger.warning("ignored a message on %s not published by asgi-events", channel)
-        elif isinstance(message, Disconnection):
-            if channel == self.channel and data == handled:
-                return  # the copy of the disconnect just handled off the user's channel
-            if channel != self.channel:
-                self._handled = data
-            assert self._disconnect is not None
-            await self._disconnect(*message)
-        else:
-            self._events_received += 1
-            if message.user_id is not None and not self._presence.count(message.user_id):
-                self._events_received_idle += 1
-            assert self._deliver is not None
-            await self._deliver(message)
+    def _follows(self, user_id: str) -> bool:
+        route = self._links.route(user_id)
+        return route is not None and route[0].confirmed(user_id)
 
     def _subscribed(self) -> None:
-        self._handled = None
         self._presence.resync()
 
-    async def _on_lost(self) -> None:
+    async def _on_lost(self, affected: Callable[[str], bool] | None = None) -> None:
         assert self._lost is not None
-        await self._lost()
+        await self._lost(affected)

@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterator
 
 import anyio
 import anyio.lowlevel
-from coredis.patterns.pubsub import PubSub
 
 from . import routing
+from .links import Link
 
 BATCH = 1000
 """Channels per SUBSCRIBE or UNSUBSCRIBE command: Redis takes many more, but confirming each
@@ -68,6 +68,10 @@ class Following:
         """Users followed: subscribed, to be, or idle but within ``delay``."""
         return len(self._followed)
 
+    def confirmed(self, user_id: str) -> bool:
+        """Whether the live subscription has the user's channel, confirmed."""
+        return user_id in self._confirmed
+
     @property
     def channels(self) -> int:
         """Users' channels the live subscription is confirmed to have."""
@@ -102,29 +106,28 @@ class Following:
         if len(self._idle) == 1:  # the task may be waiting with no deadline
             self._wake.set()
 
-    async def resubscribe(self, pubsub: PubSub[str]) -> None:
+    async def resubscribe(self, link: Link) -> None:
         """On a new subscription: subscribe to every followed user's channel (but those idle
         for ``delay`` by now)."""
         self._confirmed.clear()
         self._expired(anyio.current_time())
         self._pending = set(self._followed)
-        await self._subscribe(pubsub)
+        await self._subscribe(link)
 
     def detach(self) -> None:
         """The subscription is gone: no channel is confirmed any more."""
         self._confirmed.clear()
 
-    async def run(self, pubsub: PubSub[str]) -> None:
-        """(Un)subscribe on ``pubsub`` as users come and go, until cancelled; a command that
+    async def run(self, link: Link) -> None:
+        """(Un)subscribe on ``link`` as users come and go, until cancelled; a command that
         fails raises (the subscription is then lost and made again)."""
         while True:
             await anyio.lowlevel.checkpoint()  # (a round may have nothing to send)
             await self._next_round()
             gone = self._expired(anyio.current_time())
             for users in _batches(gone):
-                await pubsub.unsubscribe(*self._channels(users))
-                _forget_waiters(pubsub)
-            await self._subscribe(pubsub)
+                await link.unsubscribe(*self._channels(users))
+            await self._subscribe(link)
 
     async def _next_round(self) -> None:
         """Wait until a user is to be subscribed, or the first idle one's delay is over."""
@@ -162,12 +165,11 @@ class Following:
             self._idle[user_id] = now
         return gone
 
-    async def _subscribe(self, pubsub: PubSub[str]) -> None:
+    async def _subscribe(self, link: Link) -> None:
         """Subscribe to the pending users' channels, in batches, and confirm them."""
         while self._pending:
             users = [self._pending.pop() for _ in range(min(len(self._pending), BATCH))]
-            await pubsub.subscribe(*self._channels(users))  # (returns once Redis confirmed)
-            _forget_waiters(pubsub)
+            await link.subscribe(*self._channels(users))  # (returns once Redis confirmed)
             for user_id in users:
                 if user_id in self._followed:
                     self._confirmed.add(user_id)
@@ -177,17 +179,6 @@ class Following:
 
     def _channels(self, users: list[str]) -> list[str]:
         return [routing.user_channel(self.prefix, user_id) for user_id in users]
-
-
-def _forget_waiters(pubsub: PubSub[str]) -> None:
-    """coredis (6.9) keeps, for the pubsub's life, a list of confirmation waiters for every
-    channel ever (un)subscribed, emptied but never removed: a few hundred bytes per user a node
-    ever followed. Remove the empty ones (few: those emptied since the last call)."""
-    for name in ("_subscription_waiters", "_unsubscription_waiters"):
-        waiters = getattr(pubsub, name, None)
-        if isinstance(waiters, dict):
-            for channel in [channel for channel, left in waiters.items() if not left]:
-                del waiters[channel]
 
 
 def _batches(users: list[str]) -> Iterator[list[str]]:

@@ -33,8 +33,9 @@ from . import routing, scripts
 from .subscription import Health
 
 if TYPE_CHECKING:
-    import coredis
     from coredis.commands.script import Script
+
+    from .links import Client
 
 logger = logging.getLogger("asgi_events")
 
@@ -62,7 +63,7 @@ class Presence:
         self._lock = anyio.Lock()  # one write at a time: flushes, and the goodbye
         self._left = False
         self._others: list[str] = []  # the other nodes seen by the last read
-        self._client: coredis.Redis[str] | None = None
+        self._client: Client | None = None
         self._script: Script[str] | None = None
         self._failing = False
 
@@ -88,7 +89,7 @@ class Presence:
         self._rewrite = True
         self._wake.set()
 
-    async def run(self, client: coredis.Redis[str]) -> None:
+    async def run(self, client: Client) -> None:
         """Flush changes through ``client`` until cancelled: at once after a change, and every
         ``ttl / 3`` seconds at most."""
         self._client, self._script = client, client.register_script(scripts.PRESENCE)
@@ -165,7 +166,7 @@ class Presence:
         return totals
 
     async def _read(
-        self, client: coredis.Redis[str], users: list[str], nodes: list[str]
+        self, client: Client, users: list[str], nodes: list[str]
     ) -> tuple[list[str], dict[str, list[Any]]]:
         """The nodes in the set (this one aside), and the counts of ``users`` on ``nodes``."""
         async with client.pipeline(transaction=False) as pipe:

@@ -20,7 +20,13 @@ Channels:
 - ``<prefix>:events``, which every node subscribes to: ``broadcast_to_all``, and a copy of every
   disconnect (for nodes that do not follow the user: a stream of it may be being admitted
   there; see below).
-- ``<prefix>:heartbeat:<node>`` carries one node's heartbeats back to itself (``subscription``).
+- ``<prefix>:heartbeat:<node>`` carries one node's heartbeats back to itself (``subscription``);
+  on a cluster, each shard has one of the node's, ``<prefix>:heartbeat:{<node>.<n>}`` with the
+  first ``n`` whose hash slot the shard serves (``shard_heartbeat_channel``).
+
+On a Redis Cluster (``cluster``) the users' channels are shard channels (``SPUBLISH``, received
+with ``SSUBSCRIBE`` from the node serving the user's slot), and ``<prefix>:events`` stays a
+classic channel, which a cluster forwards to every node.
 
 Redis hands a subscriber its messages in the order it ran the publishes, whatever their
 channels, so a node receives each user's events in id order, and a ``broadcast_to_all`` after
@@ -39,18 +45,21 @@ separated by the first two newlines::
   is stored in the stream): the receiving node adds the id with ``codec.with_id``, so neither
   Lua nor Python splices JSON by hand. Other texts are complete as clients receive them.
 
-A disconnect (``RedisBackend.disconnect``) is four parts separated by the first three newlines::
+A disconnect (``RedisBackend.disconnect``) is five parts separated by the first four
+newlines::
 
-    !disconnect\\n<user id as JSON>\\n<code>\\n<reason>
+    !disconnect\\n<user id as JSON>\\n<code>\\n<nonce>\\n<reason>
 
 where ``code`` is decimal and ``reason`` the rest of the message (it may hold newlines); both are
-as ``protocol.disconnect_close`` takes them. One script publishes it on the user's channel, in
-order with the user's events (events published before it are handled before it), and the same
-message on ``<prefix>:events`` right after, so that it also reaches nodes that do not follow
-the user: those record it for the streams of the user they are admitting (``revocations``).
-Nothing runs between the two publishes, so a node that follows the user receives the two
-copies one right after the other, and handles only the first; a node that does not receives
-only the second. (A first part starting with ``!`` is never JSON, so nodes of a version before
+as ``protocol.disconnect_close`` takes them; ``nonce`` tells one disconnect's copies apart from
+another's. One script publishes it on the user's channel, in order with the user's events
+(events published before it are handled before it), and the same message on ``<prefix>:events``
+right after, so that it also reaches nodes that do not follow the user: those record it for
+the streams of the user they are admitting (``revocations``). A node handles the first copy
+that reaches it and drops the other by its nonce; and it drops the copy on ``<prefix>:events``
+when it follows the user, since the copy on the user's channel is then the one in order with
+the user's events (on a cluster the two copies come on different connections, in either
+order). (A first part starting with ``!`` is never JSON, so nodes of a version before
 disconnects ignore it with a warning.)
 
 Anything else on the channels (published by someone else, or garbled) is ignored with a warning.
@@ -67,7 +76,9 @@ stored wrongly.
 
 from __future__ import annotations
 
+import binascii
 import json
+from collections.abc import Callable
 from typing import NamedTuple
 
 from ... import codec
@@ -114,6 +125,7 @@ class Disconnection(NamedTuple):
     user_id: str
     code: int
     reason: str
+    nonce: str = ""
 
 
 DISCONNECT = "!disconnect"
@@ -151,6 +163,30 @@ def heartbeat_channel(prefix: str, node: str) -> str:
     return f"{prefix}:heartbeat:{node}"
 
 
+def shard_heartbeat_channel(prefix: str, node: str, serves: Callable[[int], bool]) -> str:
+    """A heartbeat channel of ``node`` in a hash slot that ``serves`` (a shard's test)."""
+    n = 0
+    while not serves(hash_slot(channel := f"{prefix}:heartbeat:{{{node}.{n}}}")):
+        n += 1
+    return channel
+
+
+SLOTS = 16384
+"""Hash slots in a Redis Cluster."""
+
+
+def hash_slot(key: str) -> int:
+    """The Redis Cluster hash slot of ``key``: CRC16 (XMODEM, as ``binascii.crc_hqx``) of its
+    hash tag (the part inside its first ``{...}``, if not empty) or of the whole key."""
+    data = key.encode()
+    start = data.find(b"{")
+    if start >= 0:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1 : end]
+    return binascii.crc_hqx(data, 0) % SLOTS
+
+
 def header(user_id: str | None) -> str:
     """A message's first part: whose streams get it."""
     return json.dumps(user_id)
@@ -161,13 +197,13 @@ def unbuffered(user_id: str | None, text: str) -> str:
     return f"{header(user_id)}\n\n{text}"
 
 
-def disconnection(user_id: str, code: int, reason: str) -> str:
-    """The message of a disconnect.
+def disconnection(user_id: str, code: int, reason: str, nonce: str) -> str:
+    """The message of a disconnect (``nonce``: a fresh token without newlines).
 
     :raises ValueError: ``code`` or ``reason`` is not one a disconnect may have.
     """
     disconnect_close(code, reason)
-    return f"{DISCONNECT}\n{header(user_id)}\n{code}\n{reason}"
+    return f"{DISCONNECT}\n{header(user_id)}\n{code}\n{nonce}\n{reason}"
 
 
 def decode(data: str) -> Published | Disconnection | None:
@@ -193,12 +229,15 @@ def decode(data: str) -> Published | Disconnection | None:
 
 def _disconnection(rest: str) -> Disconnection | None:
     head, _, rest = rest.partition("\n")
-    code, newline, reason = rest.partition("\n")
+    code, newline, rest = rest.partition("\n")
+    nonce, newline_too, reason = rest.partition("\n")
     try:
         user_id = json.loads(head)
     except (ValueError, RecursionError):
         return None
-    if not (isinstance(user_id, str) and newline and code.isascii() and code.isdigit()):
+    if not (isinstance(user_id, str) and newline and newline_too):
+        return None
+    if not (code.isascii() and code.isdigit()):
         return None
     if len(code) > 4:  # (every valid code has four digits)
         return None
@@ -206,4 +245,4 @@ def _disconnection(rest: str) -> Disconnection | None:
         disconnect_close(int(code), reason)
     except ValueError:
         return None
-    return Disconnection(user_id, int(code), reason)
+    return Disconnection(user_id, int(code), reason, nonce)

@@ -29,7 +29,9 @@ and does nothing else; otherwise it publishes and records the key (``PX`` max_ag
 the same script, two calls racing with one key publish once, on any nodes.
 
 Every script that publishes an event of a user publishes it on the user's channel
-(``routing.user_channel``); ``DISCONNECT`` publishes a disconnect there and on the channel every
+(``routing.user_channel``), with the command it is given: ``PUBLISH``, or ``SPUBLISH`` on a
+Redis Cluster, where Redis allows it in a script since the channel is in the hash slot of the
+script's keys; ``DISCONNECT`` publishes a disconnect there and on the channel every
 node subscribes to, with nothing in between (see ``routing``).
 """
 
@@ -106,14 +108,15 @@ trimmed, why = trim(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), id, trimmed, 
 redis.call('HSET', KEYS[2], 'l', id, 't', trimmed, 'w', why)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('PUBLISH', ARGV[6], ARGV[7] .. '\\n' .. epoch .. '.' .. id .. '\\n' .. ARGV[4])
+redis.call(ARGV[9], ARGV[6], ARGV[7] .. '\\n' .. epoch .. '.' .. id .. '\\n' .. ARGV[4])
 if KEYS[3] then redis.call('SET', KEYS[3], epoch .. '.' .. id, 'PX', ARGV[2]) end
 return {epoch, id}
 """
 )
 """Buffer one event and publish it. KEYS: stream, meta, and the idempotency key if there is
 one. ARGV: size, max_age_ms, meta_ttl_ms, the encoded event without id, its timestamp, the
-user's channel, the message header (``routing``), a fresh epoch (used if the user has none). The
+user's channel, the message header (``routing``), a fresh epoch (used if the user has none),
+the command that publishes on the user's channel (``PUBLISH``; ``SPUBLISH`` on a cluster). The
 stream entry's fields: ``b`` the encoded event without id, ``t`` its own timestamp. Returns
 ``{epoch, stream id}``: the event's id; or, if the idempotency key was there, ``{what it
 holds}`` (the first publish's id, empty if that was transient) and nothing was done."""
@@ -175,7 +178,7 @@ end
 local ttl_ms = score(math.ceil((at - now + max_age) / 1000))
 redis.call('PEXPIRE', KEYS[1], ttl_ms)
 redis.call('PEXPIRE', KEYS[2], ttl_ms)
-redis.call('PUBLISH', ARGV[5], ARGV[6])
+redis.call(ARGV[8], ARGV[5], ARGV[6])
 if KEYS[3] then redis.call('SET', KEYS[3], '', 'PX', ARGV[7]) end
 return false
 """
@@ -185,29 +188,31 @@ latest (slot -> text), latest-at (slot -> when set, in microseconds of Redis' cl
 increasing per user so that the order of updates is kept within a microsecond too), and the
 idempotency key if there is one. ARGV: the slot, the event's text, max_age_us, the most slots
 kept (the least recently updated go), the user's channel, the message (``routing.unbuffered``),
-max_age_ms. Values set ``max_age`` ago or earlier are dropped; both keys expire with the
-newest value. Returns nil; or, if the idempotency key was there, what it holds (and nothing
-was done)."""
+max_age_ms, the command that publishes on the user's channel. Values set ``max_age`` ago or
+earlier are dropped; both keys expire with the newest value. Returns nil; or, if the
+idempotency key was there, what it holds (and nothing was done)."""
 
 PUBLISH_ONCE = """
 local seen = redis.call('GET', KEYS[1])
 if seen then return seen end
 redis.call('SET', KEYS[1], '', 'PX', ARGV[1])
-redis.call('PUBLISH', ARGV[2], ARGV[3])
+redis.call(ARGV[4], ARGV[2], ARGV[3])
 return false
 """
 """Publish a transient event unless its idempotency key was there. KEYS: the idempotency key.
-ARGV: max_age_ms, the user's channel, the message (``routing.unbuffered``). Returns nil; or,
+ARGV: max_age_ms, the user's channel, the message (``routing.unbuffered``), the command that
+publishes on the user's channel. Returns nil; or,
 if the key was there, what it holds (and nothing was published)."""
 
 DISCONNECT = """
-redis.call('PUBLISH', ARGV[1], ARGV[3])
+redis.call(ARGV[4], ARGV[1], ARGV[3])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return false
 """
 """Publish a disconnect on the user's channel and on every node's channel, with nothing in
-between. ARGV: the user's channel, the channel of every node, the message
-(``routing.disconnection``)."""
+between. KEYS: a key of the user's (untouched: it sends the script to the user's shard on a
+cluster). ARGV: the user's channel, the channel of every node, the message
+(``routing.disconnection``), the command that publishes on the user's channel."""
 
 PRESENCE = """
 local t = redis.call('TIME')

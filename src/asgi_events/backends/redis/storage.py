@@ -39,8 +39,9 @@ from . import routing, scripts
 from .routing import ORIGIN, ORIGIN_KEY, StreamKey, UserKeys, parse_stream_id
 
 if TYPE_CHECKING:
-    import coredis
     from coredis.commands.script import Script
+
+    from .links import Client
 
 
 class Storage:
@@ -49,17 +50,21 @@ class Storage:
     :param prefix: the prefix of every key and channel.
     :param channel: the channel of every node (``broadcast_to_all``, disconnects' copies).
     :param meta_ttl_ms: milliseconds a user's meta hash outlives its last event.
+    :param sharded: whether users' channels are shard channels (a Redis Cluster).
     """
 
-    def __init__(self, prefix: str, channel: str, meta_ttl_ms: int) -> None:
+    def __init__(self, prefix: str, channel: str, meta_ttl_ms: int, sharded: bool) -> None:
         self.prefix = prefix
         self.channel = channel
+        self.sharded = sharded
+        self.publish_command = "SPUBLISH" if sharded else "PUBLISH"
+        """How a user's channel is published to."""
         self.size = 200
         """Events kept per user (``MAXLEN``)."""
         self.max_age_ms = 300_000
         """Milliseconds an event is kept (``MINID``, and the stream's expiry)."""
         self._meta_ttl_ms = meta_ttl_ms
-        self._client: coredis.Redis[str] | None = None
+        self._client: Client | None = None
         self._append: Script[str] | None = None
         self._replay: Script[str] | None = None
         self._latest: Script[str] | None = None
@@ -71,7 +76,7 @@ class Storage:
         """Whether there is a client to run commands through (the backend is running)."""
         return self._client is not None
 
-    def attach(self, client: coredis.Redis[str]) -> None:
+    def attach(self, client: Client) -> None:
         """Use ``client`` for every command from now on (until ``detach``)."""
         self._client = client
         self._append = client.register_script(scripts.APPEND)
@@ -109,6 +114,7 @@ class Storage:
             self.user_channel(user_id),
             routing.header(user_id),
             secrets.token_hex(8),
+            self.publish_command,
         ]
         user_keys = self.keys(user_id)
         keys = [user_keys.stream, user_keys.meta]
@@ -131,6 +137,7 @@ class Storage:
             keys.append(self.idempotency_key(user_id, idempotency_key))
         args: list[str | int] = [slot, text, self.max_age_ms * 1000, LATEST_PER_USER]
         args += [self.user_channel(user_id), routing.unbuffered(user_id, text), self.max_age_ms]
+        args.append(self.publish_command)
         return _seen(await _running(self._latest)(keys=keys, args=args))
 
     async def publish_once(self, user_id: str, idempotency_key: str, text: str) -> str | None:
@@ -139,6 +146,7 @@ class Storage:
         keys = [self.idempotency_key(user_id, idempotency_key)]
         message = routing.unbuffered(user_id, text)
         args: list[str | int] = [self.max_age_ms, self.user_channel(user_id), message]
+        args.append(self.publish_command)
         return _seen(await _running(self._once)(keys=keys, args=args))
 
     async def publish(self, user_id: str | None, text: str) -> None:
@@ -146,8 +154,13 @@ class Storage:
         or one for every stream (None) on the channel of every node."""
         if self._client is None:
             raise _not_running()
-        channel = self.channel if user_id is None else self.user_channel(user_id)
-        await self._client.publish(channel, routing.unbuffered(user_id, text))
+        message = routing.unbuffered(user_id, text)
+        if user_id is None:
+            await self._client.publish(self.channel, message)
+        elif self.sharded:
+            await self._client.spublish(self.user_channel(user_id), message)
+        else:
+            await self._client.publish(self.user_channel(user_id), message)
 
     async def disconnect(self, user_id: str, code: int, reason: str) -> None:
         """Publish a disconnect on the user's channel and the channel of every node, in one
@@ -155,9 +168,10 @@ class Storage:
 
         :raises ValueError: a code or reason no disconnect may have.
         """
-        message = routing.disconnection(user_id, code, reason)
+        message = routing.disconnection(user_id, code, reason, secrets.token_hex(8))
         args: list[str | int] = [self.user_channel(user_id), self.channel, message]
-        await _running(self._disconnect)(keys=[], args=args)
+        args.append(self.publish_command)
+        await _running(self._disconnect)(keys=[self.keys(user_id).meta], args=args)
 
     async def replay(self, user_id: str, resume: ResumePoint | None, latest: bool) -> Replay:
         """The user's position, what follows ``resume`` and, with ``latest``, its latest values

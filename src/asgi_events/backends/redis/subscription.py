@@ -1,13 +1,16 @@
-"""The Pub/Sub subscription of one node: consuming it, proving it alive, getting it back.
+"""A Pub/Sub subscription of one node: consuming it, proving it alive, getting it back.
 
-One connection subscribes to the channel of every node, to this node's heartbeat channel, and
-to the channels of the users this node follows (``following``, whose task runs beside the
-consumer and sends every further SUBSCRIBE and UNSUBSCRIBE on it).
+A subscription consumes one link (``links``): one connection, subscribed to its own channels
+(on a single Redis: the channel of every node and this node's heartbeat channel; on a cluster,
+one subscription per shard, see ``cluster``), and to the channels of the users this node
+follows there (``following``, whose task runs beside the consumer and sends every further
+SUBSCRIBE and UNSUBSCRIBE on it).
 
 A silent partition (no error, no TCP reset: a frozen Redis, dropped packets) would leave a
-subscription that looks alive and delivers nothing. So each node also subscribes to a channel
-of its own, ``<prefix>:heartbeat:<node>``, publishes a heartbeat there through its command
-connection every ``heartbeat_interval`` seconds, and expects it back on its subscription:
+subscription that looks alive and delivers nothing. So each link has a heartbeat channel of
+this node's, ``<prefix>:heartbeat:<node>`` (a cluster shard's: in a slot of that shard), the
+node publishes a heartbeat there every ``heartbeat_interval`` seconds, and expects it back on
+its subscription:
 Redis delivers a connection's messages in order, so a heartbeat that comes back proves that
 everything published before it came back too. When one does not (or cannot be published), the
 subscription is treated as lost, exactly as if it had failed with an error: the node is marked
@@ -21,15 +24,15 @@ import logging
 import random
 import sys
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass
 
 import anyio
 import coredis
 from anyio.abc import TaskStatus
-from coredis.patterns.pubsub import PubSub
 
 from .following import Following
+from .links import Link
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -84,17 +87,15 @@ def closing_quietly() -> Iterator[None]:
 
 
 class Subscription:
-    """Consumes ``channel``, the heartbeat channel and the followed users' channels until
-    cancelled, resubscribing after every loss.
+    """Consumes a link (its channels, its heartbeats and the followed users' channels) until
+    cancelled, opening it again after every loss.
 
     :param health: updated as the subscription comes and goes.
-    :param channel: the channel of every node.
-    :param following: the users whose channels to subscribe to, and its task.
-    :param heartbeat_channel: this node's own channel for heartbeats.
+    :param following: the users whose channels to subscribe to on the link, and its task
+        (None: only the link's own channels).
     :param max_backoff: the longest wait, in seconds, between attempts to subscribe.
     :param heartbeat_interval: seconds between heartbeats; None for none.
     :param heartbeat_timeout: seconds a heartbeat may take to come back.
-    :param timeout: seconds Redis may take to confirm a SUBSCRIBE.
     :param on_message: called with the channel and data of each message but heartbeats, in
         order.
     :param lost: called (and awaited) after a subscription that was up is lost.
@@ -105,22 +106,16 @@ class Subscription:
         self,
         health: Health,
         *,
-        channel: str,
-        following: Following,
-        heartbeat_channel: str,
+        following: Following | None,
         max_backoff: float,
         heartbeat_interval: float | None,
         heartbeat_timeout: float,
-        timeout: float,
         on_message: Callable[[str, str], Awaitable[None]],
         lost: Callable[[], Awaitable[None]],
         subscribed: Callable[[], None] = lambda: None,
     ) -> None:
         self.health = health
-        self.channel = channel
         self.following = following
-        self.timeout = timeout
-        self.heartbeat_channel = heartbeat_channel
         self.max_backoff = max_backoff
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -136,36 +131,32 @@ class Subscription:
 
     async def run(
         self,
-        client: coredis.Redis[str],
-        subscriber: coredis.Redis[str],
+        open_link: Callable[[], AbstractAsyncContextManager[Link]],
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Subscribe through ``subscriber`` (heartbeats are published through ``client``) and
-        consume, again and again, until cancelled. ``task_status`` is started once subscribed,
-        or after the first failure (the caller goes on while this keeps trying)."""
-        health, delay, started = self.health, 0.1, False
-        channels = [self.channel]
-        if self.heartbeat_interval is not None:
-            channels.append(self.heartbeat_channel)
+        """Open a link (subscribed to its own channels) and consume it, again and again,
+        until cancelled. ``task_status`` is started once subscribed, or after the first
+        failure (the caller goes on while this keeps trying)."""
+        health, started = self.health, False
+        delay = 0.1
+
+        def up() -> None:
+            nonlocal started, delay
+            health.healthy, delay = True, 0.1
+            self._subscribed()
+            if not started:
+                started = True
+                task_status.started()
+
         while True:
             self._beat_failure = None
             try:
-                async with subscriber.pubsub(
-                    channels=channels,
-                    ignore_subscribe_messages=True,
-                    retry_policy=None,
-                    subscription_timeout=self.timeout,
-                ) as pubsub:
+                async with open_link() as link:
                     try:
-                        await self.following.resubscribe(pubsub)
-                        health.healthy, delay = True, 0.1
-                        self._subscribed()
-                        if not started:
-                            started = True
-                            task_status.started()
-                        await self._consume(client, pubsub)
+                        await self._consume(link, up)
                     finally:
-                        self.following.detach()
+                        if self.following is not None:
+                            self.following.detach()
             except Exception as exc:  # coredis wraps connection errors in exception groups
                 health.failed(exc)
             if self._beat_failure is not None:  # (the connection closed for it, maybe raising)
@@ -173,7 +164,6 @@ class Subscription:
             if health.healthy:  # (not when the hub stops: it cancels this task instead)
                 health.healthy = False
                 health.interruptions += 1
-                logger.warning("lost the Redis subscription; closing this node's sockets (1012)")
                 await self._lost()
             elif not started:  # Redis is not there yet: the hub starts anyway, refusing sockets
                 started = True
@@ -181,50 +171,52 @@ class Subscription:
             await anyio.sleep(random.uniform(0, delay))  # full jitter
             delay = min(delay * 2, self.max_backoff)
 
-    async def _consume(self, client: coredis.Redis[str], pubsub: PubSub[str]) -> None:
-        """Deliver what comes on the subscription until it ends or a heartbeat is missed."""
+    async def _consume(self, link: Link, up: Callable[[], None]) -> None:
+        """Subscribe the followed users' channels, then deliver what comes on the link until
+        it ends or a heartbeat is missed."""
         self._last_seen = anyio.current_time()
-        # The watchdog cancels this scope only: never the pubsub's own task group, nor the task.
+        # The watchdog cancels this scope only: never the link's own tasks, nor this task.
         async with anyio.create_task_group() as watched:
+            watched.start_soon(self._read, link, watched.cancel_scope)
+            if self.following is not None:
+                await self.following.resubscribe(link)
+            up()
             if self.heartbeat_interval is not None:
-                watched.start_soon(self._watchdog, client, pubsub, watched.cancel_scope)
-            watched.start_soon(self.following.run, pubsub)
-            async for message in pubsub:
-                self._last_seen = anyio.current_time()
-                data, channel = str(message["data"]), str(message["channel"])
-                if channel == self.heartbeat_channel:  # not an event: never delivered
-                    if data == str(self.heartbeats_sent):
-                        self._beat_back.set()
-                    continue
-                await self._on_message(channel, data)
-            watched.cancel_scope.cancel()  # the subscription ended: the watchdog goes with it
+                watched.start_soon(self._watchdog, link, watched.cancel_scope)
+            if self.following is not None:
+                watched.start_soon(self.following.run, link)
 
-    async def _watchdog(
-        self, client: coredis.Redis[str], pubsub: PubSub[str], scope: anyio.CancelScope
-    ) -> None:
+    async def _read(self, link: Link, scope: anyio.CancelScope) -> None:
+        async for channel, data in link.messages():
+            self._last_seen = anyio.current_time()
+            if channel == link.heartbeat_channel:  # not an event: never delivered
+                if data == str(self.heartbeats_sent):
+                    self._beat_back.set()
+                continue
+            await self._on_message(channel, data)
+        scope.cancel()  # the subscription ended: the watchdog goes with it
+
+    async def _watchdog(self, link: Link, scope: anyio.CancelScope) -> None:
         """Heartbeats until one is missed; then give the subscription's connection up."""
-        reason = await self._heartbeats(client)
+        reason = await self._heartbeats(link)
         self._beat_failure = reason
         logger.warning("Redis subscription: %s", reason)
         # It cannot be trusted any more: close it (rather than hand it back to the pool, still
         # subscribed, or wait for its unsubscription), then stop consuming. coredis then either
         # raises its ConnectionError out of the pubsub, or the pubsub exits quietly.
-        try:
-            pubsub.connection.invalidate(reason)
-        except coredis.exceptions.ConnectionError:  # (it had no connection left)
-            pass
+        link.invalidate(reason)
         scope.cancel()
 
-    async def _heartbeats(self, client: coredis.Redis[str]) -> str:
+    async def _heartbeats(self, link: Link) -> str:
         """Send heartbeats and wait for each to come back; return why one did not."""
         assert self.heartbeat_interval is not None
         while True:
             await anyio.sleep(self.heartbeat_interval)
-            failure = await self._heartbeat(client)
+            failure = await self._heartbeat(link)
             if failure is not None:
                 return failure
 
-    async def _heartbeat(self, client: coredis.Redis[str]) -> str | None:
+    async def _heartbeat(self, link: Link) -> str | None:
         """One heartbeat: None once it came back, or why it did not in time."""
         timeout = self.heartbeat_timeout
         self.heartbeats_sent += 1
@@ -235,7 +227,7 @@ class Subscription:
 
         async def publish() -> None:
             try:
-                await client.publish(self.heartbeat_channel, token)
+                await link.beat(token)
             except (coredis.exceptions.RedisError, OSError, TimeoutError) as exc:
                 failed.append(f"{type(exc).__name__}: {exc}")
                 back.set()

@@ -1,0 +1,289 @@
+"""A node's subscriptions on a Redis Cluster: one per shard, and one for every node's channel.
+
+A user's keys and channel share the user's hash slot (``routing``), so the shard that holds the
+user's stream also carries its messages: the scripts publish them with ``SPUBLISH`` (sharded
+Pub/Sub, Redis 7), which Redis sends to the subscribers of that shard only. So for each shard
+(the slots one primary served when the node started) the node has a subscription of its own,
+to the primary serving those slots now: a connection with ``SSUBSCRIBE`` for the shard's users
+this node follows (its own ``Following``) and heartbeats of its own, on a channel in one of
+the shard's slots. Its loss (an error, or a heartbeat that does not come back: a primary
+killed, a partition) closes with 1012 the streams of that shard's users only, and the
+subscription is made again, with backoff, to whichever node serves the slots by then (the
+replica, once promoted): the users of the other shards never notice.
+
+``<prefix>:events`` (``broadcast_to_all``, and the copy of every disconnect) is a classic
+channel, which a cluster forwards to every node: one connection to any node receives it,
+preferably to a replica (so that a primary's failure does not touch it). Its loss closes no
+stream: nothing a resuming stream would get back was on it (``broadcast_to_all`` is never
+replayed). While it is down, new streams are refused with 1012, as on a single Redis.
+
+Resharding (slots moved between primaries while nodes run) is not followed: Redis then
+unsubscribes the moved slots' channels, the shard's subscription is lost, and its users' new
+streams are refused until the node restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import coredis
+from anyio.abc import TaskStatus
+from coredis.connection import TCPLocation
+from coredis.retry import NoRetryPolicy
+
+from . import routing
+from .following import Following
+from .links import Link, PubSubLink, shard_link
+from .subscription import Health, Subscription
+
+logger = logging.getLogger("asgi_events")
+
+Affected = Callable[[str], bool]
+"""Which users' streams a lost subscription concerns."""
+
+
+@dataclass
+class Shard:
+    """The slots one primary served when this node started, and this node's subscription
+    there."""
+
+    ranges: list[tuple[int, int]]
+    following: Following
+    subscription: Subscription
+    heartbeat_channel: str
+    address: str = ""
+    """The node the subscription is (or was last) made to, ``host:port``."""
+
+    @property
+    def health(self) -> Health:
+        return self.subscription.health
+
+    def stats(self) -> dict[str, Any]:
+        health = self.health
+        return {
+            "slots": " ".join(f"{start}-{end}" for start, end in self.ranges),
+            "node": self.address,
+            "healthy": health.healthy,
+            "interruptions": health.interruptions,
+            "last_error": health.last_error,
+            "followed_users": self.following.users,
+            "user_channels": self.following.channels,
+        }
+
+
+class ClusterLinks:
+    """This node's subscriptions on a Redis Cluster (see the module).
+
+    :param url: the URL of any node of the cluster (its credentials and options are used for
+        every node).
+    :param lost: called with the users whose streams must close (1012) when a shard's
+        subscription was lost.
+    :param options: ``Subscription``'s heartbeat and backoff parameters.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        health: Health,
+        prefix: str,
+        node: str,
+        channel: str,
+        timeout: float,
+        delay: float,
+        count: Callable[[str], int],
+        on_message: Callable[[str, str], Awaitable[None]],
+        lost: Callable[[Affected], Awaitable[None]],
+        subscribed: Callable[[], None],
+        **options: Any,
+    ) -> None:
+        self.url = url
+        self.health = health
+        """The subscription to every node's channel."""
+        self.shards: list[Shard] = []
+        self._prefix, self._node, self._channel = prefix, node, channel
+        self._timeout, self._delay, self._count = timeout, delay, count
+        self._on_message, self._lost, self._options = on_message, lost, options
+        self.subscription = Subscription(
+            self.health,
+            following=None,
+            on_message=on_message,
+            lost=self._everyone_lost,
+            subscribed=subscribed,
+            **options,
+        )
+        self._slots = bytearray(routing.SLOTS)  # slot -> index of its shard in ``shards``
+        self._attempts = 0  # connections tried for every node's channel (to rotate nodes)
+
+    def shard_of(self, user_id: str) -> Shard | None:
+        """The shard of the user's slot; None before the cluster's layout is known."""
+        if not self.shards:
+            return None
+        slot = routing.hash_slot(routing.user_channel(self._prefix, user_id))
+        return self.shards[self._slots[slot]]
+
+    def route(self, user_id: str) -> tuple[Following, Health] | None:
+        """Where the user's channel is subscribed: its shard's ``Following`` and link health
+        (None before the cluster's layout is known)."""
+        shard = self.shard_of(user_id)
+        return None if shard is None else (shard.following, shard.health)
+
+    def followings(self) -> list[Following]:
+        return [shard.following for shard in self.shards]
+
+    def subscriptions(self) -> list[Subscription]:
+        return [self.subscription, *(shard.subscription for shard in self.shards)]
+
+    async def run(
+        self, client: Any, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Learn the shards (trying until the cluster answers), then keep a subscription to
+        each and to every node's channel until cancelled; started once all were tried once."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.subscription.run, partial(self._open_every_node, client))
+            delay = 0.1
+            while not self.shards:
+                try:
+                    with anyio.fail_after(self._timeout):
+                        self._learn(await client.cluster_slots())
+                except (coredis.exceptions.RedisError, OSError, TimeoutError) as exc:
+                    self.health.failed(exc)
+                    task_status.started()
+                    task_status = anyio.TASK_STATUS_IGNORED
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, self._options["max_backoff"])
+            for shard in self.shards:
+                await tg.start(shard.subscription.run, partial(self._open_shard, client, shard))
+            task_status.started()
+
+    def _learn(self, layout: dict[tuple[int, int], tuple[Any, ...]]) -> None:
+        """Make one shard per primary of ``layout`` (``CLUSTER SLOTS``)."""
+        by_primary: dict[str, list[tuple[int, int]]] = {}
+        for (start, end), nodes in sorted(layout.items()):
+            by_primary.setdefault(_address(nodes[0]), []).append((start, end))
+        for index, ranges in enumerate(by_primary.values()):
+            for start, end in ranges:
+                self._slots[start : end + 1] = bytes([index]) * (end - start + 1)
+            following = Following(self._prefix, self._delay, self._count)
+            shard = Shard(
+                ranges,
+                following,
+                Subscription(
+                    Health(),
+                    following=following,
+                    on_message=self._on_message,
+                    lost=partial(self._shard_lost, index),
+                    **self._options,
+                ),
+                routing.shard_heartbeat_channel(
+                    self._prefix, self._node, partial(_within, ranges=ranges)
+                ),
+            )
+            self.shards.append(shard)
+
+    async def _shard_lost(self, index: int) -> None:
+        shard = self.shards[index]
+        logger.warning(
+            "lost the Redis subscription to the shard of slots %s (%s); closing its users' "
+            "sockets on this node (1012)",
+            shard.stats()["slots"],
+            shard.health.last_error,
+        )
+        await self._lost(lambda user_id: self.shard_of(user_id) is shard)
+
+    async def _everyone_lost(self) -> None:
+        logger.warning(
+            "lost the Redis subscription to every node's channel (%s): broadcasts to all may "
+            "be missed until it is back; new sockets are refused meanwhile",
+            self.health.last_error,
+        )
+
+    @asynccontextmanager
+    async def _open_shard(self, client: Any, shard: Shard) -> AsyncIterator[Link]:
+        """A link to the primary serving the shard's slots now."""
+        layout = await _layout(client, self._timeout)
+        first = shard.ranges[0][0]
+        shard.address = next(
+            _address(nodes[0]) for (start, end), nodes in layout.items() if start <= first <= end
+        )
+        async with (
+            self._client(shard.address) as node_client,
+            node_client.connection_pool.acquire() as connection,
+        ):
+            try:
+                async with shard_link(
+                    connection, node_client, shard.heartbeat_channel, self._timeout
+                ) as link:
+                    yield link
+            finally:
+                connection.invalidate("the shard's subscription ended")  # never reused
+
+    @asynccontextmanager
+    async def _open_every_node(self, client: Any) -> AsyncIterator[Link]:
+        """A link for every node's channel, to a node of the cluster (replicas first, a
+        different one at each attempt)."""
+        layout = await _layout(client, self._timeout)
+        replicas = [_address(node) for nodes in layout.values() for node in nodes[1:]]
+        primaries = [_address(nodes[0]) for nodes in layout.values()]
+        candidates = list(dict.fromkeys(replicas + primaries))
+        address = candidates[self._attempts % len(candidates)]
+        self._attempts += 1
+        heartbeat = routing.heartbeat_channel(self._prefix, self._node)
+        async with (
+            self._client(address) as node_client,
+            node_client.pubsub(
+                channels=[self._channel, heartbeat],
+                ignore_subscribe_messages=True,
+                retry_policy=None,
+                subscription_timeout=self._timeout,
+            ) as pubsub,
+        ):
+            yield PubSubLink(pubsub, node_client, heartbeat)
+
+    def _client(self, address: str) -> coredis.Redis[str]:
+        """A client of one node (its own pool), bounded in connecting and reading."""
+        return coredis.Redis[str].from_url(
+            _node_url(self.url, address),
+            decode_responses=True,
+            connect_timeout=self._timeout,
+            stream_timeout=self._timeout,
+            retry_policy=NoRetryPolicy(),
+        )
+
+
+async def _layout(client: Any, limit: float) -> dict[tuple[int, int], tuple[Any, ...]]:
+    with anyio.fail_after(limit):
+        layout: dict[tuple[int, int], tuple[Any, ...]] = await client.cluster_slots()
+    return layout
+
+
+def _address(node: Any) -> str:
+    return f"{node['host']}:{node['port']}"
+
+
+def _within(slot: int, ranges: list[tuple[int, int]]) -> bool:
+    return any(start <= slot <= end for start, end in ranges)
+
+
+def startup_node(url: str) -> TCPLocation:
+    """The node that ``url`` names."""
+    parts = urlsplit(url)
+    return TCPLocation(parts.hostname or "127.0.0.1", parts.port or 6379)
+
+
+def _node_url(url: str, address: str) -> str:
+    """``url`` with its host and port replaced by ``address`` (credentials kept)."""
+    parts = urlsplit(url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    host, _, port = address.rpartition(":")
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    netloc = f"{userinfo}{at}{host}:{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

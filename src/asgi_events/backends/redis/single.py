@@ -1,0 +1,101 @@
+"""A node's subscription on a single Redis: one link for every channel it needs.
+
+One connection subscribes to the channel of every node, to this node's heartbeat channel and to
+the channels of the users this node follows. Its loss closes every stream of the node with
+1012 (any event may have been missed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import anyio
+import coredis
+from anyio.abc import TaskStatus
+
+from . import routing
+from .following import Following
+from .links import Link, PubSubLink
+from .subscription import Health, Subscription
+
+
+class SingleLink:
+    """This node's subscription on a single Redis.
+
+    :param url: the Redis URL.
+    :param lost: called when the subscription was lost: every stream must close (1012).
+    :param options: ``Subscription``'s heartbeat and backoff parameters.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        health: Health,
+        prefix: str,
+        node: str,
+        channel: str,
+        timeout: float,
+        delay: float,
+        count: Callable[[str], int],
+        on_message: Callable[[str, str], Awaitable[None]],
+        lost: Callable[[], Awaitable[None]],
+        subscribed: Callable[[], None],
+        **options: Any,
+    ) -> None:
+        self.url = url
+        self.health = health
+        self.following = Following(prefix, delay, count)
+        self.subscription = Subscription(
+            self.health,
+            following=self.following,
+            on_message=on_message,
+            lost=lost,
+            subscribed=subscribed,
+            **options,
+        )
+        self._channel = channel
+        self._heartbeat = routing.heartbeat_channel(prefix, node)
+        self._timeout = timeout
+
+    def route(self, user_id: str) -> tuple[Following, Health]:
+        """Where the user's channel is subscribed: its ``Following`` and its link's health."""
+        return self.following, self.health
+
+    def followings(self) -> list[Following]:
+        return [self.following]
+
+    def subscriptions(self) -> list[Subscription]:
+        return [self.subscription]
+
+    async def run(
+        self, client: Any, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Subscribe and consume until cancelled (see ``Subscription.run``)."""
+        # The subscription has a client (a pool) of its own: a connection given up after a
+        # missed heartbeat is closed without touching commands in flight on the others, and a
+        # connection left half-subscribed after a failed attempt never carries commands. Its
+        # connect and handshake are bounded, so attempts against a frozen Redis fail in time.
+        async with coredis.Redis[str].from_url(
+            self.url,
+            decode_responses=True,
+            connect_timeout=self._timeout,
+            stream_timeout=self._timeout,
+        ) as subscriber:
+            await self.subscription.run(partial(self._open, subscriber, client), task_status)
+
+    @asynccontextmanager
+    async def _open(self, subscriber: coredis.Redis[str], client: Any) -> AsyncIterator[Link]:
+        channels = [self._channel]
+        if self.subscription.heartbeat_interval is not None:
+            channels.append(self._heartbeat)
+        async with subscriber.pubsub(
+            channels=channels,
+            ignore_subscribe_messages=True,
+            retry_policy=None,
+            subscription_timeout=self._timeout,
+        ) as pubsub:
+            yield PubSubLink(pubsub, client, self._heartbeat)
