@@ -17,6 +17,7 @@ from hypercorn.config import Config
 from asgi_events import EventHub, EventsMiddleware
 from asgi_events.types import ASGIApp
 
+from .support.redis_cluster import RedisCluster, running_cluster
 from .support.redis_server import RedisServer, running_redis
 from .support.server import (
     TIMEOUT,
@@ -129,3 +130,18 @@ def own_redis() -> Iterator[RedisServer]:
     """A redis-server of the test's own, which it may stop and restart."""
     with running_redis() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """One Redis Cluster (3 masters, 3 replicas) for the session, for tests that kill no node;
+    they keep apart by key prefixes of their own."""
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def own_redis_cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster of the test's own, whose nodes it may kill and restart."""
+    with running_cluster() as cluster:
+        yield cluster
