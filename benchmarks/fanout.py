@@ -6,6 +6,7 @@ The one command (see ``benchmarks/README.md``)::
     .venv/bin/python benchmarks/fanout.py --server hypercorn-asyncio            # burst
     .venv/bin/python benchmarks/fanout.py --server uvicorn --mode steady
     .venv/bin/python benchmarks/fanout.py --server hypercorn-trio --mode stalled --quick
+    .venv/bin/python benchmarks/fanout.py --server uvicorn --mode routing     # two Redis nodes
     .venv/bin/python benchmarks/fanout.py --chart-only
 
 The code is in the ``fanbench`` package next to this file.

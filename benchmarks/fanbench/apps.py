@@ -31,6 +31,8 @@ from .common import (
 
 # (seq, t in ns since the epoch, pad) -> the event published to every socket.
 PublishOne = Callable[[int, int, str], Awaitable[None]]
+# A control route of a variant's own: the request's JSON body -> (status, answer).
+Route = Callable[[dict[str, Any]], Awaitable[tuple[int, dict[str, Any]]]]
 
 
 def utc_now_iso() -> str:
@@ -68,6 +70,7 @@ class Control:
         publish_one: PublishOne,
         profile_path: str | None,
         ready: Callable[[], bool] = lambda: True,
+        routes: dict[tuple[str, str], Route] | None = None,
     ) -> None:
         import anyio
 
@@ -75,6 +78,7 @@ class Control:
         self.count = count  # sockets the server has registered for delivery
         self.publish_one = publish_one
         self.ready = ready  # e.g. subscribed to Redis
+        self.routes = routes or {}  # a variant's own, e.g. GET /stats
         self.shutdown = anyio.Event()
         self._profile_path = profile_path
         self._profiler: cProfile.Profile | None = None
@@ -114,6 +118,9 @@ class Control:
         elif route == ("POST", "/measure/stop"):
             self._stop_measuring()
             await respond(send, 200, {"gc_s": self._gc_seconds, "gc_runs": self._gc_runs})
+        elif route in self.routes:
+            status, answer = await self.routes[route](json.loads(body) if body else {})
+            await respond(send, status, answer)
         elif route == ("POST", "/shutdown"):
             self._stop_measuring()
             await respond(send, 200, {"ok": True})
@@ -237,12 +244,14 @@ def route_http(control: Control, other: ASGIApp) -> ASGIApp:
 
 
 def build_asgi_events_app(
-    profile_path: str | None, redis: tuple[str, str] | None = None
+    profile_path: str | None, redis: tuple[str, str] | None = None, cluster: bool = False
 ) -> tuple[ASGIApp, Control]:
     """EventsMiddleware + EventHub; an event is one ``broadcast_to_all`` call.
 
-    With ``redis`` (url, key prefix) the hub is one node on ``RedisBackend``: it is ready once
-    subscribed, and a burst published here reaches the other nodes' sockets through Redis.
+    With ``redis`` (url, key prefix) the hub is one node on ``RedisBackend`` (``cluster``: on a
+    Redis Cluster): it is ready once subscribed, and a burst published here reaches the other
+    nodes' sockets through Redis. Its routes ``GET /stats`` (``hub.stats()``) and ``POST
+    /publish-users`` (per-user ``broadcast``, the routing mode's publisher) are added.
     """
     from asgi_events import EventHub, EventsMiddleware
 
@@ -256,15 +265,21 @@ def build_asgi_events_app(
         from asgi_events.backends.redis import RedisBackend
 
         url, prefix = redis
-        backend = RedisBackend(url, prefix=prefix)
+        options: dict[str, Any] = {"cluster": True} if cluster else {}  # (not merged yet)
+        backend = RedisBackend(url, prefix=prefix, **options)
         hub = EventHub(verify_token, backend=backend)
         ready = lambda: backend.healthy  # noqa: E731
 
     async def publish_one(seq: int, t_ns: int, pad: str) -> None:
         await hub.broadcast_to_all(bench_event(seq, t_ns, pad, timestamp=False))
 
+    routes: dict[tuple[str, str], Route] = {}
+    if redis is not None:
+        from .publisher import routing_routes
+
+        routes = routing_routes(hub)
     control = Control(
-        lambda: int(hub.stats()["total_connections"]), publish_one, profile_path, ready
+        lambda: int(hub.stats()["total_connections"]), publish_one, profile_path, ready, routes
     )
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
@@ -401,7 +416,7 @@ def build_socketio_app(profile_path: str | None) -> tuple[ASGIApp, Control]:
 
 
 def build_app(
-    variant: str, profile_path: str | None, redis: tuple[str, str] | None
+    variant: str, profile_path: str | None, redis: tuple[str, str] | None, cluster: bool = False
 ) -> tuple[ASGIApp, Control]:
     if variant == "raw":
         return build_raw_app(profile_path)
@@ -409,4 +424,4 @@ def build_app(
         return build_broadcaster_app(profile_path)
     if variant == SOCKETIO_VARIANT:
         return build_socketio_app(profile_path)
-    return build_asgi_events_app(profile_path, redis)
+    return build_asgi_events_app(profile_path, redis, cluster)

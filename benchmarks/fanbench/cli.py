@@ -21,6 +21,7 @@ from .common import (
     MODES,
     QUICK,
     QUICK_IDLE_SOCKETS,
+    QUICK_ROUTING_EVENTS,
     QUICK_STALL_MIN_WAIT,
     QUICK_STEADY_DURATION,
     QUICK_STEADY_RATE,
@@ -29,6 +30,7 @@ from .common import (
     REDIS_NODES,
     REDIS_VARIANT,
     RESULTS_DIR,
+    ROUTING_EVENTS,
     SERVER_CPU,
     SERVERS,
     STALL_MIN_WAIT,
@@ -43,18 +45,19 @@ from .common import (
     variants_for,
     wait_for_quiet,
 )
-from .procs import cleanup_on_exit, redis_server_version
+from .procs import REDIS_KINDS, cleanup_on_exit, cluster_unavailable, redis_description
 from .report import (
     burst_report,
     idle_report,
-    percent,
     profile_summary,
     save_results,
     source_digest,
     stalled_report,
     steady_report,
 )
-from .runs import IdleResult, RunResult, run_delivery, run_idle
+from .routing import routing_runs
+from .routing_report import routing_report
+from .runs import IdleResult, RunResult, print_idle, print_run, run_delivery, run_idle
 from .serve import UVICORN_WS_CHOICES, serve_main, server_description
 
 DESCRIPTION = "Fan-out benchmark: asgi-events against a raw ASGI loop and peer libraries."
@@ -82,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="uvicorn's WebSocket implementation (default: uvicorn's own choice)",
     )
     parser.add_argument(
+        "--redis",
+        choices=REDIS_KINDS,
+        default="single",
+        help="asgi-events-redis and routing: one redis-server, or a Redis Cluster (3 masters)",
+    )
+    parser.add_argument(
         "--load-loop",
         choices=LOAD_LOOPS,
         default=default_load_loop(),
@@ -96,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: 20 sockets (idle: 50), 10 events, 1 run, 1 s steady; no Redis",
+        help="smoke run: 20 sockets (idle: 50), 10 events, 1 run, 1 s steady; no Redis but routing",
     )
     parser.add_argument(
         "--profile",
@@ -118,12 +127,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-to", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     parser.add_argument("--redis-prefix", help=argparse.SUPPRESS)
+    parser.add_argument("--redis-cluster", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pin-cpu", type=int, default=SERVER_CPU, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.explicit_variants = args.variants is not None
     args.rate_given = args.rate is not None  # else steady mode calibrates it
+    if args.mode == "routing" and set(args.variants or [REDIS_VARIANT]) != {REDIS_VARIANT}:
+        parser.error(
+            f"routing mode runs {REDIS_VARIANT} only: the other variants are one node without "
+            "Redis, with no per-user channels to route"
+        )
     args.variants = [v for v in VARIANTS if v in (args.variants or default_variants(args))]
-    if args.mode != "burst" and REDIS_VARIANT in args.variants:
-        parser.error(f"{REDIS_VARIANT} runs in burst mode only")
+    if args.mode not in ("burst", "routing") and REDIS_VARIANT in args.variants:
+        parser.error(f"{REDIS_VARIANT} runs in burst and routing modes only")
+    if args.redis == "cluster" and not args.serve and not args.chart_only:
+        if REDIS_VARIANT not in args.variants:
+            parser.error(f"--redis cluster applies to {REDIS_VARIANT} (burst) and routing mode")
+        parser.error(f"--redis cluster is not available yet: {cluster_unavailable()}")
     if args.mode != "burst" and args.profile:
         parser.error("--profile is for burst mode")
     apply_defaults(args)
@@ -135,6 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def default_variants(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.mode == "routing":
+        return (REDIS_VARIANT,)
     if args.mode == "idle":  # batching changes nothing on an idle socket
         return tuple(v for v in VARIANTS if v not in (REDIS_VARIANT, BATCH_VARIANT))
     if args.quick or args.mode != "burst":
@@ -148,6 +170,8 @@ def apply_defaults(args: argparse.Namespace) -> None:
         if getattr(args, name) is None:
             if name == "sockets" and args.mode == "idle":
                 default = QUICK_IDLE_SOCKETS if args.quick else IDLE_SOCKETS
+            if name == "events" and args.mode == "routing":
+                default = QUICK_ROUTING_EVENTS if args.quick else ROUTING_EVENTS
             setattr(args, name, default)
     if args.duration is None:
         args.duration = QUICK_STEADY_DURATION if args.quick else STEADY_DURATION
@@ -156,11 +180,13 @@ def apply_defaults(args: argparse.Namespace) -> None:
 
 def results_suffix(args: argparse.Namespace) -> str:
     """Quick, profiled, resized or partial runs do not overwrite the real results."""
-    suffix = ("-quick" if args.quick else "") + ("-profile" if args.profile else "")
+    suffix = ("-cluster" if args.redis == "cluster" else "") + ("-quick" if args.quick else "")
+    suffix += "-profile" if args.profile else ""
     if args.quick:
         return suffix
     sockets = IDLE_SOCKETS if args.mode == "idle" else FULL[0]
-    if (args.sockets, args.events, args.payload) != (sockets, *FULL[1:3]):
+    events = ROUTING_EVENTS if args.mode == "routing" else FULL[1]
+    if (args.sockets, args.events, args.payload) != (sockets, events, FULL[2]):
         suffix += f"-n{args.sockets}-m{args.events}-p{args.payload}"
     if args.server == "uvicorn" and args.uvicorn_ws != "auto":
         suffix += f"-{args.uvicorn_ws}"
@@ -176,9 +202,10 @@ def results_suffix(args: argparse.Namespace) -> str:
 def report_header(args: argparse.Namespace, pinned: str, nofile: int, digest: str) -> list[str]:
     redis_note = ""
     if REDIS_VARIANT in args.variants:
+        publisher = f", a publisher node on CPU {LOAD_CPU}" if args.mode == "routing" else ""
         redis_note = (
-            f"; {REDIS_VARIANT}: {REDIS_NODES} nodes and redis-server "
-            f"{redis_server_version()}, all on CPU {SERVER_CPU}"
+            f"; {REDIS_VARIANT}: {REDIS_NODES} nodes and {redis_description(args.redis)}, all "
+            f"on CPU {SERVER_CPU}{publisher}"
         )
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     args.started = started
@@ -193,37 +220,6 @@ def report_header(args: argparse.Namespace, pinned: str, nofile: int, digest: st
         + (", **server under cProfile**" if args.profile else "")
         + ".",
     ]
-
-
-def print_run(result: RunResult) -> None:
-    redis_cpu = ""
-    if result.redis_cpu is not None:
-        redis_cpu = f"redis CPU {percent(result.redis_cpu)}  "
-    stalled = f" (stalled {result.stalled})" if result.stalled else ""
-    print(
-        f"  run {result.run} {result.variant + stalled:<33} {result.client:<16} "
-        f"{result.deliveries_per_s:>11,.0f} deliveries/s  "
-        f"({result.deliveries_per_frame:.1f}/frame)  "
-        f"p50 {result.p50_ms:7.1f} ms  p99 {result.p99_ms:7.1f} ms  "
-        f"lost {result.lost}  ooo {result.out_of_order}  "
-        f"server CPU {result.server_cpu:.0%} (GC {result.server_gc:.0%})  {redis_cpu}"
-        f"load CPU {result.load_cpu:.0%} "
-        f"(delivering {percent(result.load_cpu_delivering)})  "
-        f"softirq {result.softirq_cpu:.0%}  other CPU {result.other_cpu:.0%}  "
-        f"{' '.join(result.notes)}",
-        flush=True,
-    )
-
-
-def print_idle(result: IdleResult) -> None:
-    print(
-        f"  run {result.run} {result.variant:<33} {result.client:<16} "
-        f"{result.sockets} idle sockets: RSS "
-        f"{result.empty_kb / 1024:.1f} -> {result.full_kb / 1024:.1f} MB, "
-        f"{result.per_socket_kb:.2f} KB per socket  other CPU {result.other_cpu:.0%}  "
-        f"{' '.join(result.notes)}",
-        flush=True,
-    )
 
 
 R = TypeVar("R", RunResult, IdleResult)
@@ -367,7 +363,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         server, variant, fd = args.serve
         redis = (args.redis_url, args.redis_prefix) if args.redis_url else None
-        serve_main(server, variant, int(fd), args.profile_to, redis, args.uvicorn_ws)
+        serve_main(
+            server,
+            variant,
+            int(fd),
+            args.profile_to,
+            redis,
+            args.uvicorn_ws,
+            cluster=args.redis_cluster,
+            cpu=args.pin_cpu,
+        )
         return 0
     if args.chart_only:
         chart = draw_chart()
@@ -396,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             results = steady_runs(args, variants)
         elif args.mode == "stalled":
             results = stalled_runs(args, variants)
+        elif args.mode == "routing":
+            results = routing_runs(args)
         else:
             results = idle_runs(args, variants)
 
@@ -422,12 +429,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"chart: {chart.relative_to(BENCH_DIR.parent)}")
     if args.profile:
         write_profiles(args)
-    return 1 if any(failed(r, args.mode) for r in results) else 0
+    return 1 if any(r.failed for r in results) else 0
 
 
 def run_meta(args: argparse.Namespace) -> dict[str, Any]:
     """What the saved JSON records besides the runs."""
-    keys = ("started", "sockets", "events", "payload", "runs", "rate", "duration", "uvicorn_ws")
+    keys = "started sockets events payload runs rate duration uvicorn_ws redis".split()
     return {key: getattr(args, key) for key in keys}
 
 
@@ -440,14 +447,6 @@ def make_report(
         return steady_report(args, results, header, rate_note)
     if args.mode == "stalled":
         return stalled_report(args, results, header)
+    if args.mode == "routing":
+        return routing_report(args, results, header)
     return idle_report(args, results, header)
-
-
-def failed(result: RunResult | IdleResult, mode: str) -> bool:
-    """Lost, duplicated or reordered events, or a time-out (except a stalled run's: that is the
-    measurement, reported as such)."""
-    if isinstance(result, IdleResult):
-        return False
-    if result.lost or result.out_of_order or result.duplicates:
-        return True
-    return result.timed_out and not result.stalled

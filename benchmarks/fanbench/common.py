@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 HOST = "127.0.0.1"
 SERVERS = ("hypercorn-asyncio", "hypercorn-trio", "uvicorn")
 ASYNCIO_SERVERS = ("hypercorn-asyncio", "uvicorn")  # the peer variants run on asyncio only
-MODES = ("burst", "steady", "stalled", "idle")
+MODES = ("burst", "steady", "stalled", "idle", "routing")
 
 REDIS_VARIANT = "asgi-events-redis"  # two nodes on one redis-server
 BATCH_VARIANT = "asgi-events-batch"  # the asgi-events server; clients offer the batch subprotocol
@@ -49,6 +49,9 @@ REDIS_GOAL = 0.7  # two nodes on Redis >= 0.7x one node in memory
 STEADY_P99_GOAL = 1.2  # steady: asgi-events p99 <= 1.2x the raw app's
 STALLED_GOAL = 0.95  # stalled: healthy deliveries/s >= 0.95x the run without stalled clients
 IDLE_GOAL_KB = 5.0  # idle: asgi-events <= raw + 5 KB per socket
+ROUTING_STRAY_GOAL = 0.01  # routing, one-sided: node B receives <= 1% of the events
+ROUTING_IDLE_GOAL = 0.05  # routing, one-sided: node B's CPU <= 5% of a core ("near idle")
+ROUTING_EVEN_GOAL = 0.55  # routing, even: each node receives <= 55% of the events
 
 EVENT_TYPE = "bench.tick"
 WS_PATH = "/ws"
@@ -89,6 +92,9 @@ SERVER_CPU, LOAD_CPU = 0, 1
 FULL = (1000, 200, 100, 3)  # default sockets, events, payload, runs
 QUICK = (20, 10, 100, 1)
 IDLE_SOCKETS, QUICK_IDLE_SOCKETS = 5000, 50
+# Routing mode: --events is per user in the even case (every user gets one event per round).
+ROUTING_EVENTS, QUICK_ROUTING_EVENTS = 50, 10
+ROUTING_PUBLISH_TASKS = 8  # the publisher's concurrent loops (each with its share of users)
 STEADY_DURATION, QUICK_STEADY_DURATION = 10.0, 1.0  # seconds of publishing per steady run
 QUICK_STEADY_RATE = 20.0  # events/s: --quick does not calibrate (a 20-socket burst says little)
 STALL_FRACTION = 0.01  # stalled mode: this share of the clients stop reading (at least one)
@@ -244,6 +250,13 @@ def wait_for_quiet(limit: float, sample: float = 0.5) -> float:
         busy = (sum(machine_busy_seconds()) - before) / sample
         if busy < QUIET or time.monotonic() >= deadline:
             return busy
+
+
+def percent(value: float | None) -> str:
+    """A share of a core; one decimal below 10% (redis-server's is well under 1%)."""
+    if value is None or value != value:
+        return "-"
+    return f"{value:.1%}" if value < 0.1 else f"{value:.0%}"
 
 
 def percentile(sorted_values: list[int], fraction: float) -> float:

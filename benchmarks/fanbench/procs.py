@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from .common import (
     ENTRY_SCRIPT,
@@ -94,6 +95,9 @@ class ServerProcess(ProcStats):
         profile_path: Path | None,
         redis: tuple[str, str] | None = None,
         uvicorn_ws: str = "auto",
+        *,
+        cluster: bool = False,
+        cpu: int = SERVER_CPU,
     ) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -107,6 +111,10 @@ class ServerProcess(ProcStats):
             command += ["--profile-to", str(profile_path)]
         if redis is not None:
             command += ["--redis-url", redis[0], "--redis-prefix", redis[1]]
+            if cluster:
+                command += ["--redis-cluster"]
+        if cpu != SERVER_CPU:
+            command += ["--pin-cpu", str(cpu)]
         try:
             self.proc = subprocess.Popen(
                 command, pass_fds=(fd,), stdout=self.log, stderr=subprocess.STDOUT
@@ -234,6 +242,8 @@ class RedisProcess(ProcStats):
                 raise RuntimeError(f"redis-server not ready after {REDIS_START_TIMEOUT} s")
             await asyncio.sleep(0.02)
 
+    cluster = False
+
     def close(self) -> None:
         """SIGTERM (it saves nothing, so it exits at once), then SIGKILL; bounded."""
         if self.proc.poll() is None:
@@ -246,6 +256,53 @@ class RedisProcess(ProcStats):
         RedisProcess.live.discard(self)
         self.log.close()
         self.dir.cleanup()
+
+
+REDIS_KINDS = ("single", "cluster")
+
+
+class RedisService(Protocol):
+    """What a run needs of its Redis, one server or a cluster: where the nodes connect, and
+    the CPU time of its processes (a cluster's: summed over them)."""
+
+    url: str
+    cluster: bool  # the nodes pass cluster=True to RedisBackend
+
+    async def wait_ready(self) -> None: ...
+    def cpu_seconds(self) -> float: ...
+    def close(self) -> None: ...
+
+
+def redis_description(kind: str) -> str:
+    """For the report header."""
+    if kind == "single":
+        return f"one redis-server {redis_server_version()}"
+    return f"a Redis Cluster (3 masters, redis-server {redis_server_version()})"
+
+
+def cluster_unavailable() -> str | None:
+    """Why ``--redis cluster`` cannot run here, or None once it can.
+
+    It needs two things that are being added elsewhere: ``RedisBackend(url, cluster=True)``
+    and a harness that starts a cluster of three masters (and three replicas) on loopback
+    ports. When both exist, ``start_redis`` wraps the harness in a ``RedisService`` (CPU: the
+    sum over its processes, pinned to the server CPU like the single redis-server) and the
+    rest of the benchmark needs no change: the nodes get ``--redis-cluster``.
+    """
+    try:
+        from asgi_events.backends.redis import RedisBackend
+    except ImportError as exc:
+        return f"the Redis backend does not import ({exc})"
+    if "cluster" not in inspect.signature(RedisBackend).parameters:
+        return "RedisBackend has no cluster=True yet (the Redis Cluster backend is not merged)"
+    return "no Redis Cluster harness in fanbench yet (tests/support/redis_cluster.py is coming)"
+
+
+def start_redis(kind: str) -> RedisService:
+    """A fresh Redis for one run: ``single`` is one redis-server, ``cluster`` three masters."""
+    if kind == "single":
+        return RedisProcess()
+    raise SystemExit(f"--redis cluster is not available yet: {cluster_unavailable()}")
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from .common import (
     STALLED_GOAL,
     STEADY_P99_GOAL,
     VARIANTS,
+    percent,
 )
 from .runs import IdleResult, RunResult
 
@@ -59,13 +60,6 @@ def median_result(results: list[RunResult]) -> dict[str, float]:
     redis = [r.redis_cpu for r in results if r.redis_cpu is not None]
     medians["redis_cpu"] = statistics.median(redis) if redis else float("nan")
     return medians
-
-
-def percent(value: float | None) -> str:
-    """A share of a core; one decimal below 10% (redis-server's is well under 1%)."""
-    if value is None or value != value:
-        return "-"
-    return f"{value:.1%}" if value < 0.1 else f"{value:.0%}"
 
 
 def ratio_lines(
@@ -498,7 +492,7 @@ def save_results(
     server: str,
     mode: str,
     meta: dict[str, Any],
-    results: list[RunResult] | list[IdleResult],
+    results: list[RunResult] | list[IdleResult] | list[Any],
 ) -> None:
     """The runs as JSON next to the Markdown: what ``--chart-only`` draws from."""
     data = {"server": server, "mode": mode, **meta, "results": [asdict(r) for r in results]}
@@ -506,7 +500,11 @@ def save_results(
 
 
 def load_results(path: Path) -> tuple[dict[str, Any], list[Any]]:
-    """The saved metadata and runs (``RunResult`` or ``IdleResult``)."""
+    """The saved metadata and runs (``RunResult``, ``IdleResult`` or ``RoutingResult``)."""
     data = json.loads(path.read_text())
-    kind = IdleResult if data["mode"] == "idle" else RunResult
+    kind: type[Any] = IdleResult if data["mode"] == "idle" else RunResult
+    if data["mode"] == "routing":
+        from .routing import RoutingResult
+
+        kind = RoutingResult
     return data, [kind(**r) for r in data.pop("results")]

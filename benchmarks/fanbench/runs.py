@@ -30,9 +30,10 @@ from .common import (
     WARMUP_SOCKETS,
     load_cpu_seconds,
     machine_busy_seconds,
+    percent,
     percentile,
 )
-from .procs import RedisProcess, ServerProcess, http_request
+from .procs import RedisService, ServerProcess, http_request, start_redis
 
 
 @dataclass
@@ -80,6 +81,14 @@ class RunResult:
     def noisy(self) -> bool:
         return self.other_cpu > NOISY
 
+    @property
+    def failed(self) -> bool:
+        """Lost, duplicated or reordered events, or a time-out (except a stalled run's: that is
+        the measurement, reported as such)."""
+        if self.lost or self.out_of_order or self.duplicates:
+            return True
+        return self.timed_out and not self.stalled
+
 
 @dataclass
 class IdleResult:
@@ -102,13 +111,15 @@ class IdleResult:
     def noisy(self) -> bool:
         return self.other_cpu > NOISY
 
+    failed = False
+
 
 @dataclass
 class Fleet:
     """The processes of one run: server node(s), maybe redis-server, and the clients."""
 
     nodes: list[ServerProcess]
-    redis: RedisProcess | None
+    redis: RedisService | None
     clients: list[BaseClient] = field(default_factory=list)
     stalled: list[BaseClient] = field(default_factory=list)
 
@@ -137,19 +148,24 @@ async def fleet(
 
     ``profiles``: one cProfile output path per node (node 1 publishes), or None.
     """
-    redis: RedisProcess | None = None
+    redis: RedisService | None = None
     nodes: list[ServerProcess] = []
     started: Fleet | None = None
     try:
         node_redis: tuple[str, str] | None = None
+        redis_cluster = False
         if variant == REDIS_VARIANT:
-            redis = RedisProcess()
+            redis = start_redis(args.redis)
             await redis.wait_ready()
-            # A prefix of this run's own (the server is fresh anyway; this keeps keys apart).
-            node_redis = (redis.url, f"fanout-{os.getpid()}-{run}-{secrets.token_hex(4)}")
+            node_redis = (redis.url, run_prefix(run))
+            redis_cluster = redis.cluster
         for k in range(REDIS_NODES if variant == REDIS_VARIANT else 1):
             profile = profiles[k] if profiles is not None else None
-            nodes.append(ServerProcess(server, variant, profile, node_redis, args.uvicorn_ws))
+            nodes.append(
+                ServerProcess(
+                    server, variant, profile, node_redis, args.uvicorn_ws, cluster=redis_cluster
+                )
+            )
         await asyncio.gather(*(node.wait_ready() for node in nodes))
         started = Fleet(nodes, redis)
         yield started
@@ -166,6 +182,11 @@ async def fleet(
             node.close()
         if redis is not None:
             redis.close()
+
+
+def run_prefix(run: int) -> str:
+    """A key prefix of the run's own (the Redis is fresh anyway; this keeps keys apart)."""
+    return f"fanout-{os.getpid()}-{run}-{secrets.token_hex(4)}"
 
 
 async def post(port: int, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -384,3 +405,37 @@ async def warm_up(f: Fleet, variant: str) -> None:
     await post(f.ports[0], "/measure/stop", {}, HTTP_TIMEOUT)
     f.close_clients(f.clients)
     f.clients = []
+
+
+# -- printing and failure, per run --------------------------------------------------------
+
+
+def print_run(result: RunResult) -> None:
+    redis_cpu = ""
+    if result.redis_cpu is not None:
+        redis_cpu = f"redis CPU {percent(result.redis_cpu)}  "
+    stalled = f" (stalled {result.stalled})" if result.stalled else ""
+    print(
+        f"  run {result.run} {result.variant + stalled:<33} {result.client:<16} "
+        f"{result.deliveries_per_s:>11,.0f} deliveries/s  "
+        f"({result.deliveries_per_frame:.1f}/frame)  "
+        f"p50 {result.p50_ms:7.1f} ms  p99 {result.p99_ms:7.1f} ms  "
+        f"lost {result.lost}  ooo {result.out_of_order}  "
+        f"server CPU {result.server_cpu:.0%} (GC {result.server_gc:.0%})  {redis_cpu}"
+        f"load CPU {result.load_cpu:.0%} "
+        f"(delivering {percent(result.load_cpu_delivering)})  "
+        f"softirq {result.softirq_cpu:.0%}  other CPU {result.other_cpu:.0%}  "
+        f"{' '.join(result.notes)}",
+        flush=True,
+    )
+
+
+def print_idle(result: IdleResult) -> None:
+    print(
+        f"  run {result.run} {result.variant:<33} {result.client:<16} "
+        f"{result.sockets} idle sockets: RSS "
+        f"{result.empty_kb / 1024:.1f} -> {result.full_kb / 1024:.1f} MB, "
+        f"{result.per_socket_kb:.2f} KB per socket  other CPU {result.other_cpu:.0%}  "
+        f"{' '.join(result.notes)}",
+        flush=True,
+    )

@@ -111,15 +111,22 @@ def serve_main(
     profile_path: str | None,
     redis: tuple[str, str] | None,
     uvicorn_ws: str = "auto",
+    *,
+    cluster: bool = False,
+    cpu: int = SERVER_CPU,
 ) -> None:
-    """The server process: ``server`` on the listening socket ``fd`` until ``POST /shutdown``."""
+    """The server process: ``server`` on the listening socket ``fd`` until ``POST /shutdown``.
+
+    ``cluster``: the Redis at ``redis`` is a Redis Cluster. ``cpu``: the core to pin to (the
+    routing mode's publisher runs next to the load process).
+    """
     die_with_parent()
     start_watchdog(CHILD_MAX_LIFETIME)
-    pin_to_cpu(SERVER_CPU)
+    pin_to_cpu(cpu)
     raise_nofile(0)
 
     async def main() -> None:
-        app, control = build_app(variant, profile_path, redis)
+        app, control = build_app(variant, profile_path, redis, cluster)
         if server == "hypercorn-asyncio":
             await serve_hypercorn_asyncio(app, control, fd)
         elif server == "hypercorn-trio":
