@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 
 from ..support.backends import Subject
+from ..support.redis_cluster import RedisCluster
 from ..support.redis_server import RedisServer
 
 
-@pytest.fixture(params=["memory", "redis"])
-def subject(request: pytest.FixtureRequest, redis_server: RedisServer) -> Subject:
-    """One backend to check: memory, or Redis on the session's redis-server."""
-    return Subject(str(request.param), redis_server)
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def subject(
+    request: pytest.FixtureRequest, redis_server: RedisServer, redis_cluster: RedisCluster
+) -> Subject:
+    """One backend to check: memory, Redis on the session's redis-server, or on its Redis
+    Cluster."""
+    return Subject(str(request.param), redis_server, redis_cluster)

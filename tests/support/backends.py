@@ -26,6 +26,7 @@ from asgi_events.backends.memory import MemoryBackend
 from asgi_events.backends.redis import RedisBackend
 from asgi_events.protocol import ResumePoint, make_id, split_id
 
+from .redis_cluster import RedisCluster
 from .redis_server import RedisServer
 
 TIMEOUT = 10.0  # bound on any single wait
@@ -131,7 +132,9 @@ class Subject:
     """One kind of backend, and what differs between kinds in the contract's terms."""
 
     kind: str
+    """``memory``, ``redis`` (one redis-server) or ``cluster`` (a Redis Cluster)."""
     redis: RedisServer
+    cluster: RedisCluster | None = None
     prefix: str = field(default_factory=lambda: f"contract-{secrets.token_hex(4)}")
 
     @property
@@ -156,6 +159,9 @@ class Subject:
             return MemoryBackend(clock), clock
         settings = {"prefix": self.prefix, "timeout": 2.0, "max_backoff": 0.2}
         settings |= {"unsubscribe_delay": IDLE, **options}
+        if self.kind == "cluster":
+            assert self.cluster is not None
+            return RedisBackend(self.cluster.url, cluster=True, **settings), None
         return RedisBackend(self.redis.url, **settings), None
 
     @asynccontextmanager

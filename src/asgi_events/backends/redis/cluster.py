@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -151,8 +151,7 @@ class ClusterLinks:
             delay = 0.1
             while not self.shards:
                 try:
-                    with anyio.fail_after(self._timeout):
-                        self._learn(await client.cluster_slots())
+                    self._learn(await _layout(client, self._timeout))
                 except (coredis.exceptions.RedisError, OSError, TimeoutError) as exc:
                     self.health.failed(exc)
                     task_status.started()
@@ -163,12 +162,9 @@ class ClusterLinks:
                 await tg.start(shard.subscription.run, partial(self._open_shard, client, shard))
             task_status.started()
 
-    def _learn(self, layout: dict[tuple[int, int], tuple[Any, ...]]) -> None:
-        """Make one shard per primary of ``layout`` (``CLUSTER SLOTS``)."""
-        by_primary: dict[str, list[tuple[int, int]]] = {}
-        for (start, end), nodes in sorted(layout.items()):
-            by_primary.setdefault(_address(nodes[0]), []).append((start, end))
-        for index, ranges in enumerate(by_primary.values()):
+    def _learn(self, layout: list[Placement]) -> None:
+        """Make one shard per primary of ``layout``."""
+        for index, ranges in enumerate(placement.ranges for placement in layout):
             for start, end in ranges:
                 self._slots[start : end + 1] = bytes([index]) * (end - start + 1)
             following = Following(self._prefix, self._delay, self._count)
@@ -210,9 +206,10 @@ class ClusterLinks:
         """A link to the primary serving the shard's slots now."""
         layout = await _layout(client, self._timeout)
         first = shard.ranges[0][0]
-        shard.address = next(
-            _address(nodes[0]) for (start, end), nodes in layout.items() if start <= first <= end
-        )
+        placement = next(p for p in layout if _within(first, p.ranges))
+        if placement.primary is None:
+            raise coredis.exceptions.ConnectionError(f"no primary serves slot {first} now")
+        shard.address = placement.primary
         async with (
             self._client(shard.address) as node_client,
             node_client.connection_pool.acquire() as connection,
@@ -230,9 +227,9 @@ class ClusterLinks:
         """A link for every node's channel, to a node of the cluster (replicas first, a
         different one at each attempt)."""
         layout = await _layout(client, self._timeout)
-        replicas = [_address(node) for nodes in layout.values() for node in nodes[1:]]
-        primaries = [_address(nodes[0]) for nodes in layout.values()]
-        candidates = list(dict.fromkeys(replicas + primaries))
+        replicas = [address for placement in layout for address in placement.replicas]
+        primaries = [placement.primary for placement in layout if placement.primary]
+        candidates = replicas + primaries
         address = candidates[self._attempts % len(candidates)]
         self._attempts += 1
         heartbeat = routing.heartbeat_channel(self._prefix, self._node)
@@ -258,14 +255,37 @@ class ClusterLinks:
         )
 
 
-async def _layout(client: Any, limit: float) -> dict[tuple[int, int], tuple[Any, ...]]:
+class Placement(NamedTuple):
+    """Where a shard's slots are served now."""
+
+    ranges: list[tuple[int, int]]
+    primary: str | None
+    """``host:port`` of its primary (None while none is online: a failover is under way)."""
+    replicas: list[str]
+    """``host:port`` of its replicas online."""
+
+
+async def _layout(client: Any, limit: float) -> list[Placement]:
+    """The cluster's shards as ``CLUSTER SHARDS`` shows them now."""
     with anyio.fail_after(limit):
-        layout: dict[tuple[int, int], tuple[Any, ...]] = await client.cluster_slots()
-    return layout
-
-
-def _address(node: Any) -> str:
-    return f"{node['host']}:{node['port']}"
+        shards: list[dict[str, Any]] = await client.cluster_shards()
+    layout = []
+    for shard in shards:
+        slots = [int(slot) for slot in shard["slots"]]
+        if not slots:  # (a primary with no slots serves no user)
+            continue
+        primary, replicas = None, []
+        for node in shard["nodes"]:
+            if node.get("health") != "online":
+                continue
+            address = f"{node['ip']}:{node['port']}"
+            if node.get("role") == "master":
+                primary = address
+            else:
+                replicas.append(address)
+        ranges = sorted(zip(slots[::2], slots[1::2], strict=True))
+        layout.append(Placement(ranges, primary, replicas))
+    return sorted(layout)
 
 
 def _within(slot: int, ranges: list[tuple[int, int]]) -> bool:
