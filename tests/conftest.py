@@ -17,6 +17,7 @@ from hypercorn.config import Config
 from asgi_events import EventHub, EventsMiddleware
 from asgi_events.types import ASGIApp
 
+from .support.redis_sentinel import SentinelSetup, running_sentinels
 from .support.redis_server import RedisServer, running_redis
 from .support.server import (
     TIMEOUT,
@@ -129,3 +130,12 @@ def own_redis() -> Iterator[RedisServer]:
     """A redis-server of the test's own, which it may stop and restart."""
     with running_redis() as server:
         yield server
+
+
+@pytest.fixture
+def redis_sentinels() -> Iterator[SentinelSetup]:
+    """A primary, its replica and three sentinels (quorum 2) of the test's own, ready for a
+    failover (``kill_primary()`` or ``failover()``, then ``wait_failover()``); started in
+    about 0.1 s."""
+    with running_sentinels() as setup:
+        yield setup
