@@ -18,6 +18,7 @@ from asgi_events import EventHub, EventsMiddleware
 from asgi_events.types import ASGIApp
 
 from .support.redis_cluster import RedisCluster, running_cluster
+from .support.redis_sentinel import SentinelSetup, running_sentinels
 from .support.redis_server import RedisServer, running_redis
 from .support.server import (
     TIMEOUT,
@@ -145,3 +146,12 @@ def own_redis_cluster() -> Iterator[RedisCluster]:
     """A Redis Cluster of the test's own, whose nodes it may kill and restart."""
     with running_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture
+def redis_sentinels() -> Iterator[SentinelSetup]:
+    """A primary, its replica and three sentinels (quorum 2) of the test's own, ready for a
+    failover (``kill_primary()`` or ``failover()``, then ``wait_failover()``); started in
+    about 0.1 s."""
+    with running_sentinels() as setup:
+        yield setup

@@ -19,6 +19,10 @@ from dataclasses import dataclass
 class RedisServer:
     port: int
     process: subprocess.Popen[bytes] | None = None
+    config: str | None = None
+    """A config file, read before the options (a sentinel's: it rewrites it)."""
+    args: tuple[str, ...] = ()
+    """More options, after the usual ones (e.g. ``--replicaof``, ``--sentinel``)."""
 
     @property
     def url(self) -> str:
@@ -31,6 +35,7 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 binary,
+                *([self.config] if self.config else []),
                 "--port",
                 str(self.port),
                 "--bind",
@@ -41,6 +46,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 tempfile.gettempdir(),
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -66,6 +72,13 @@ class RedisServer:
         """Let a paused server go on (SIGCONT), with everything sent to it meanwhile."""
         assert self.process is not None
         self.process.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """End it at once (SIGKILL): no goodbye to clients or replicas, nothing flushed."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
 
     def stop(self) -> None:
         if self.process is not None:

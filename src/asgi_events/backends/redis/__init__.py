@@ -31,7 +31,6 @@ from anyio.abc import TaskGroup, TaskStatus
 
 try:
     import coredis
-    from coredis.retry import NoRetryPolicy
 except ImportError as exc:  # pragma: no cover
     raise ImportError("RedisBackend needs coredis: pip install 'asgi-events[redis]'") from exc
 
@@ -40,7 +39,8 @@ from ...errors import BackendUnavailableError
 from ...protocol import ResumePoint
 from ..base import Deliver, Disconnect, Lost, Replay
 from . import routing
-from .cluster import ClusterLinks, startup_node
+from .cluster import ClusterLinks
+from .connect import Clients
 from .inbox import Inbox
 from .presence import Presence
 from .routing import UserKeys
@@ -65,7 +65,9 @@ class RedisBackend:
     every node on a channel they all share. Nodes of a version before channels per user must
     not share a ``prefix`` with these: upgrade all nodes at once, or change the prefix.
 
-    :param url: a Redis URL, e.g. ``redis://127.0.0.1:6379/0``.
+    :param url: a Redis URL, e.g. ``redis://127.0.0.1:6379/0``; with ``sentinel``, the
+        sentinels', e.g. ``redis://10.0.0.1:26379,10.0.0.2:26379/0`` (the db number and any
+        credentials are the primary's).
     :param prefix: the prefix of every key and channel.
     :param timeout: seconds a publish or a replay read may take before it fails with
         ``BackendUnavailableError`` (a socket being replayed is closed with 1012).
@@ -96,6 +98,11 @@ class RedisBackend:
         network blip, a page reload) do not make it unsubscribe and subscribe again. Meanwhile
         the user's events still reach this node, to no stream (``events_received_idle`` in
         ``stats()["backend"]``). Subscribing costs Redis about 240 bytes per channel.
+    :param sentinel: the name of a Sentinel service (e.g. ``"mymaster"``): ``url`` then names
+        its sentinels, and every connection goes to the primary they name when it is made. A
+        failover is a loss of Redis like any other (sockets closed with 1012, the subscription
+        made again with backoff), and the subscription comes back on the promoted replica.
+        Events the old primary acknowledged but had not yet replicated are lost with it.
     """
 
     def __init__(
@@ -111,6 +118,7 @@ class RedisBackend:
         presence_ttl: float = 15.0,
         unsubscribe_delay: float = 30.0,
         cluster: bool = False,
+        sentinel: str | None = None,
     ) -> None:
         if heartbeat_interval is not None and not heartbeat_interval > 0:
             raise ValueError("heartbeat_interval must be positive (or None for no heartbeat)")
@@ -121,6 +129,8 @@ class RedisBackend:
         if not (unsubscribe_delay >= 0 and math.isfinite(unsubscribe_delay)):
             raise ValueError("unsubscribe_delay must be a number of seconds, 0 or more")
         self.url = url
+        # (checks the URL, and that at most one of cluster and sentinel is given)
+        self._clients = Clients(url, timeout=timeout, sentinel=sentinel, cluster=cluster)
         self._timeout = timeout
         self._lost: Lost | None = None
         self._health = Health()
@@ -340,28 +350,13 @@ class RedisBackend:
     # -- internals -------------------------------------------------------------------------
 
     async def _run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        # No retries: appending is not idempotent, and a retry after a reply lost on the way
-        # could append an event twice. A failed call raises to the caller.
-        client: coredis.Redis[str] | coredis.RedisCluster[str]
-        if isinstance(self._links, ClusterLinks):
-            client = coredis.RedisCluster[str].from_url(
-                self.url,
-                decode_responses=True,
-                retry_policy=NoRetryPolicy(),
-                # (coredis 6.9 makes a deprecated kind of startup node from the URL by itself)
-                startup_nodes=[startup_node(self.url)],
-            )
-        else:
-            client = coredis.Redis[str].from_url(
-                self.url, decode_responses=True, retry_policy=NoRetryPolicy()
-            )
         with closing_quietly():
-            async with client:
+            async with self._clients.open() as (client, subscriber):
                 self._storage.attach(client)
                 try:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(self._presence.run, client)
-                        await self._links.run(client, task_status)
+                        await self._links.run(client, subscriber, task_status)
                 finally:
                     self._storage.detach()
 

@@ -35,12 +35,11 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import coredis
 from anyio.abc import TaskStatus
-from coredis.connection import TCPLocation
 from coredis.retry import NoRetryPolicy
 
 from . import routing
 from .following import Following
-from .links import Link, PubSubLink, shard_link
+from .links import Client, Link, PubSubLink, shard_link
 from .subscription import Health, Subscription
 
 logger = logging.getLogger("asgi_events")
@@ -142,7 +141,10 @@ class ClusterLinks:
         return [self.subscription, *(shard.subscription for shard in self.shards)]
 
     async def run(
-        self, client: Any, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self,
+        client: Client,
+        subscriber: coredis.Redis[str] | None,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Learn the shards (trying until the cluster answers), then keep a subscription to
         each and to every node's channel until cancelled; started once all were tried once."""
@@ -290,12 +292,6 @@ async def _layout(client: Any, limit: float) -> list[Placement]:
 
 def _within(slot: int, ranges: list[tuple[int, int]]) -> bool:
     return any(start <= slot <= end for start, end in ranges)
-
-
-def startup_node(url: str) -> TCPLocation:
-    """The node that ``url`` names."""
-    parts = urlsplit(url)
-    return TCPLocation(parts.hostname or "127.0.0.1", parts.port or 6379)
 
 
 def _node_url(url: str, address: str) -> str:

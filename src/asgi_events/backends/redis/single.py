@@ -18,7 +18,7 @@ from anyio.abc import TaskStatus
 
 from . import routing
 from .following import Following
-from .links import Link, PubSubLink
+from .links import Client, Link, PubSubLink
 from .subscription import Health, Subscription
 
 
@@ -72,23 +72,21 @@ class SingleLink:
         return [self.subscription]
 
     async def run(
-        self, client: Any, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self,
+        client: Client,
+        subscriber: coredis.Redis[str] | None,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Subscribe and consume until cancelled (see ``Subscription.run``)."""
+        """Subscribe through ``subscriber`` and consume until cancelled (see
+        ``Subscription.run``); heartbeats are published through ``client``."""
         # The subscription has a client (a pool) of its own: a connection given up after a
         # missed heartbeat is closed without touching commands in flight on the others, and a
-        # connection left half-subscribed after a failed attempt never carries commands. Its
-        # connect and handshake are bounded, so attempts against a frozen Redis fail in time.
-        async with coredis.Redis[str].from_url(
-            self.url,
-            decode_responses=True,
-            connect_timeout=self._timeout,
-            stream_timeout=self._timeout,
-        ) as subscriber:
-            await self.subscription.run(partial(self._open, subscriber, client), task_status)
+        # connection left half-subscribed after a failed attempt never carries commands.
+        assert subscriber is not None
+        await self.subscription.run(partial(self._open, subscriber, client), task_status)
 
     @asynccontextmanager
-    async def _open(self, subscriber: coredis.Redis[str], client: Any) -> AsyncIterator[Link]:
+    async def _open(self, subscriber: coredis.Redis[str], client: Client) -> AsyncIterator[Link]:
         channels = [self._channel]
         if self.subscription.heartbeat_interval is not None:
             channels.append(self._heartbeat)
