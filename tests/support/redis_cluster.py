@@ -283,6 +283,10 @@ class RedisCluster:
             "cluster-node-timeout": str(self.node_timeout),
             # A replica may always be promoted, however long it was cut off from its master.
             "cluster-replica-validity-factor": "0",
+            # The other shards keep serving while one has no primary (by default the whole
+            # cluster refuses every command until a replica took over): as docs/deployment.md
+            # recommends for asgi-events.
+            "cluster-require-full-coverage": "no",
             # A replica's full sync starts at once (by default the master waits 5 s for more).
             "repl-diskless-sync-delay": "0",
             "save": "",

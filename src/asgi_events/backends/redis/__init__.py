@@ -254,7 +254,9 @@ class RedisBackend:
         await task_group.start(self._run)
 
     async def stop(self) -> None:
-        self.healthy = False  # the hub then cancels its task group, which closes the client
+        for subscription in self._links.subscriptions():  # (its end is no loss)
+            subscription.health.healthy = False
+        # the hub then cancels its task group, which closes the clients
         await self._presence.leave()
 
     async def publish(
@@ -344,6 +346,7 @@ class RedisBackend:
             "user_channels": sum(following.channels for following in followings),
         }
         if isinstance(self._links, ClusterLinks):
+            stats["node"] = self._links.address
             stats["shards"] = [shard.stats() for shard in self._links.shards]
         return {"backend": stats}
 

@@ -120,6 +120,8 @@ class ClusterLinks:
         )
         self._slots = bytearray(routing.SLOTS)  # slot -> index of its shard in ``shards``
         self._attempts = 0  # connections tried for every node's channel (to rotate nodes)
+        self.address = ""
+        """The node the subscription to every node's channel is (or was last) made to."""
 
     def shard_of(self, user_id: str) -> Shard | None:
         """The shard of the user's slot; None before the cluster's layout is known."""
@@ -211,6 +213,12 @@ class ClusterLinks:
         placement = next(p for p in layout if _within(first, p.ranges))
         if placement.primary is None:
             raise coredis.exceptions.ConnectionError(f"no primary serves slot {first} now")
+        if shard.address and placement.primary != shard.address:
+            # A failover: the command client would learn the new primary only after a few
+            # more failed commands; have it learn now, so the shard's users' commands go
+            # there once this subscription is back.
+            with anyio.fail_after(self._timeout):
+                await client.connection_pool.cluster_layout.initialize()
         shard.address = placement.primary
         async with (
             self._client(shard.address) as node_client,
@@ -232,7 +240,7 @@ class ClusterLinks:
         replicas = [address for placement in layout for address in placement.replicas]
         primaries = [placement.primary for placement in layout if placement.primary]
         candidates = replicas + primaries
-        address = candidates[self._attempts % len(candidates)]
+        address = self.address = candidates[self._attempts % len(candidates)]
         self._attempts += 1
         heartbeat = routing.heartbeat_channel(self._prefix, self._node)
         async with (
@@ -262,9 +270,9 @@ class Placement(NamedTuple):
 
     ranges: list[tuple[int, int]]
     primary: str | None
-    """``host:port`` of its primary (None while none is online: a failover is under way)."""
+    """``host:port`` of its primary (None while none is up: a failover is under way)."""
     replicas: list[str]
-    """``host:port`` of its replicas online."""
+    """``host:port`` of its replicas not known to have failed."""
 
 
 async def _layout(client: Any, limit: float) -> list[Placement]:
@@ -278,7 +286,7 @@ async def _layout(client: Any, limit: float) -> list[Placement]:
             continue
         primary, replicas = None, []
         for node in shard["nodes"]:
-            if node.get("health") != "online":
+            if node.get("health") == "fail":  # (Redis 7.0 shows replicas in sync "loading")
                 continue
             address = f"{node['ip']}:{node['port']}"
             if node.get("role") == "master":
