@@ -20,6 +20,7 @@ from httpx_ws import AsyncWebSocketSession, WebSocketDisconnect
 from asgi_events import BackendUnavailableError, EventHub
 from asgi_events.backends.redis import RedisBackend
 
+from .support.redis_cluster import RedisCluster
 from .support.redis_server import RedisServer, free_port, partition
 from .support.server import Connect, ServeFn, Server, assert_silent, close_code, recv, recv_n, users
 
@@ -34,16 +35,19 @@ NOTICED = 0.2 + 0.5 + 2.0  # the bound on noticing one, plus room for a loaded m
 
 async def nodes(
     serve: ServeFn,
-    redis: RedisServer,
+    redis: RedisServer | RedisCluster,
     n: int = 2,
     backend: dict[str, Any] | None = None,
     **hub: Any,
 ) -> list[Server]:
-    """``n`` servers, each with its own hub, sharing one Redis under a prefix of the test's."""
+    """``n`` servers, each with its own hub, sharing one Redis (or Redis Cluster) under a
+    prefix of the test's."""
     prefix = f"t-{secrets.token_hex(4)}"
     servers = []
     for _ in range(n):
         options = {"prefix": prefix, "timeout": 1.0, "max_backoff": 0.2, **(backend or {})}
+        if isinstance(redis, RedisCluster):
+            options["cluster"] = True
         redis_backend = RedisBackend(redis.url, **options)
         servers.append(await serve(hub=EventHub(users, backend=redis_backend, **hub)))
     return servers

@@ -1,7 +1,7 @@
-"""Routing by user across real nodes (hypercorn, one real Redis): a node receives the events of
-the users it holds connections of, and no others, yet every disconnect; clients that hop
-between nodes at random, resuming by id while publishers run on every node, get every event
-exactly once, in order."""
+"""Routing by user across real nodes (hypercorn, one real Redis, and a real Redis Cluster): a
+node receives the events of the users it holds connections of, and no others, yet every
+disconnect; clients that hop between nodes at random, resuming by id while publishers run on
+every node, get every event exactly once, in order."""
 
 from __future__ import annotations
 
@@ -17,11 +17,21 @@ import pytest
 from asgi_events import EventHub
 from asgi_events.backends.redis import RedisBackend
 
+from .support.redis_cluster import RedisCluster
 from .support.redis_server import RedisServer
 from .support.server import Connect, ServeFn, Server, close_code, recv, recv_n, users
 from .test_redis import nodes, redis_backend
 
 V1 = ["asgi-events.v1"]
+Deployment = RedisServer | RedisCluster
+
+
+@pytest.fixture(params=["single", "cluster"])
+def deployment(
+    request: pytest.FixtureRequest, redis_server: RedisServer, redis_cluster: RedisCluster
+) -> Deployment:
+    """What the nodes share: the session's redis-server, or its Redis Cluster."""
+    return redis_server if request.param == "single" else redis_cluster
 
 
 def backend_stats(server: Server) -> dict[str, Any]:
@@ -31,10 +41,10 @@ def backend_stats(server: Server) -> dict[str, Any]:
 
 
 async def test_a_node_receives_only_the_events_of_its_own_users(
-    serve: ServeFn, connect: Connect, redis_server: RedisServer
+    serve: ServeFn, connect: Connect, deployment: Deployment
 ) -> None:
     """alice is connected to A only, bob to B only; both nodes publish for both."""
-    a, b = await nodes(serve, redis_server, buffer_size=1000)
+    a, b = await nodes(serve, deployment, buffer_size=1000)
     per_node = 150
     async with (
         connect(a.ws_url(token="tok-alice")) as alice_1,
@@ -66,7 +76,7 @@ async def test_a_node_receives_only_the_events_of_its_own_users(
 
 
 async def test_a_disconnect_reaches_a_connection_being_admitted_on_a_node_not_following(
-    serve: ServeFn, connect: Connect, redis_server: RedisServer
+    serve: ServeFn, connect: Connect, deployment: Deployment
 ) -> None:
     """B checks a token of alice (slowly) while A disconnects alice: B follows no alice, yet
     it learns of the disconnect (its copy on the channel of every node), and the connection is
@@ -80,9 +90,10 @@ async def test_a_disconnect_reaches_a_connection_being_admitted_on_a_node_not_fo
             return "alice"
         return users(token)
 
-    options = {"prefix": f"t-{secrets.token_hex(4)}", "timeout": 1.0, "max_backoff": 0.2}
-    a = await serve(hub=EventHub(users, backend=RedisBackend(redis_server.url, **options)))
-    b = await serve(hub=EventHub(slow, backend=RedisBackend(redis_server.url, **options)))
+    options: dict[str, Any] = {"prefix": f"t-{secrets.token_hex(4)}", "timeout": 1.0}
+    options |= {"max_backoff": 0.2, "cluster": isinstance(deployment, RedisCluster)}
+    a = await serve(hub=EventHub(users, backend=RedisBackend(deployment.url, **options)))
+    b = await serve(hub=EventHub(slow, backend=RedisBackend(deployment.url, **options)))
     assert a.hub is not None
     codes: list[tuple[int, str]] = []
 
@@ -105,7 +116,7 @@ async def test_a_disconnect_reaches_a_connection_being_admitted_on_a_node_not_fo
 
 @pytest.mark.parametrize("count", [2, 3])
 async def test_clients_hopping_between_nodes_get_every_event_once_in_order(
-    serve: ServeFn, connect: Connect, redis_server: RedisServer, count: int
+    serve: ServeFn, connect: Connect, deployment: Deployment, count: int
 ) -> None:
     """Two clients each of alice and bob connect to a random node, resume from their last id,
     read a random number of frames (none, sometimes), and go elsewhere, again and again, while
@@ -113,7 +124,7 @@ async def test_clients_hopping_between_nodes_get_every_event_once_in_order(
     connection there has left, so they unsubscribe and subscribe again all the time, and a
     client often connects to a node while that node's UNSUBSCRIBE of its user is in flight."""
     backend = {"unsubscribe_delay": 0.0}
-    servers = await nodes(serve, redis_server, n=count, backend=backend, buffer_size=1000)
+    servers = await nodes(serve, deployment, n=count, backend=backend, buffer_size=1000)
     seed = random.randrange(2**32)
     users, per_publisher = ("alice", "bob"), 100
     total = per_publisher * count  # each user's events: one share from each publisher
@@ -151,7 +162,8 @@ async def test_clients_hopping_between_nodes_get_every_event_once_in_order(
                     if len(got) == total:
                         break
 
-    unsubscribes = await command_calls(redis_server, "unsubscribe")
+    unsubscribe = "sunsubscribe" if isinstance(deployment, RedisCluster) else "unsubscribe"
+    unsubscribes = await command_calls(deployment, unsubscribe)
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             rng = random.Random(seed)
@@ -166,17 +178,24 @@ async def test_clients_hopping_between_nodes_get_every_event_once_in_order(
         for number in (1, 2):
             assert received[user, number] == ordered, f"seed {seed}, {user} #{number}"
     assert hops > 4 * count  # (every client hopped)
-    assert await command_calls(redis_server, "unsubscribe") > unsubscribes  # (and nodes let go)
+    assert await command_calls(deployment, unsubscribe) > unsubscribes  # (and nodes let go)
     for node in servers:
         assert redis_backend(node).stats()["backend"]["interruptions"] == 0
 
 
-async def command_calls(redis: RedisServer, command: str) -> int:
-    """How many times Redis ran ``command`` since it started (``INFO commandstats``)."""
-    async with coredis.Redis.from_url(redis.url, decode_responses=True) as client:
-        stats: Any = await client.info("commandstats")
-    entry = stats.get(f"cmdstat_{command}")
-    return int(entry["calls"]) if entry else 0
+async def command_calls(redis: Deployment, command: str) -> int:
+    """How many times Redis ran ``command`` since it started (``INFO commandstats``; on a
+    cluster, summed over its nodes)."""
+    urls = [redis.url]
+    if isinstance(redis, RedisCluster):
+        urls = [f"redis://127.0.0.1:{port}" for port in redis.live_ports()]
+    calls = 0
+    for url in urls:
+        async with coredis.Redis.from_url(url, decode_responses=True) as client:
+            stats: Any = await client.info("commandstats")
+        entry = stats.get(f"cmdstat_{command}")
+        calls += int(entry["calls"]) if entry else 0
+    return calls
 
 
 def id_order(event_id: str) -> tuple[int, int]:
