@@ -12,11 +12,18 @@ where a buffered event's text is its encoding without the id, which the receivin
 these). Each node proves its subscription alive with heartbeats on a channel of its own, and
 gets it back with backoff after any loss (``subscription``).
 
+On a Redis Cluster (``cluster=True``) users' channels are shard channels, so a user's events
+travel through the shard of its hash slot only, and a node has a subscription per shard
+(``cluster``): losing one closes the streams of that shard's users only.
+
 Modules: ``scripts`` (the Lua source), ``routing`` (key and channel names, stream ids, the
-message format), ``storage`` (append, publish, latest values, replay), ``following`` (which
-users' channels to subscribe to, batched, with hysteresis), ``subscription`` (the Pub/Sub
-consumer, heartbeat watchdog, reconnection), ``presence`` (every node's counts, written in the
-background), and here ``RedisBackend``, which wires them together.
+message format), ``storage`` (append, publish, latest values, replay), ``links`` (one Pub/Sub
+connection, classic or sharded), ``subscription`` (consuming a link: heartbeat watchdog,
+reconnection), ``single`` and ``cluster`` (a node's links), ``following`` (which users'
+channels to subscribe to on a link, batched, with hysteresis), ``inbox`` (what a node does with
+each message), ``presence`` (every node's counts, written in the background), ``connect`` (the
+clients, from a URL, through Sentinel, or of a cluster), and here ``RedisBackend``, which wires
+them together.
 """
 
 from __future__ import annotations
@@ -97,12 +104,19 @@ class RedisBackend:
         last stream of the user left, so that clients that reconnect soon (after a deploy, a
         network blip, a page reload) do not make it unsubscribe and subscribe again. Meanwhile
         the user's events still reach this node, to no stream (``events_received_idle`` in
-        ``stats()["backend"]``). Subscribing costs Redis about 240 bytes per channel.
+        ``stats()["backend"]``). Subscribing costs Redis about 210 bytes per channel.
     :param sentinel: the name of a Sentinel service (e.g. ``"mymaster"``): ``url`` then names
         its sentinels, and every connection goes to the primary they name when it is made. A
         failover is a loss of Redis like any other (sockets closed with 1012, the subscription
         made again with backoff), and the subscription comes back on the promoted replica.
         Events the old primary acknowledged but had not yet replicated are lost with it.
+    :param cluster: ``url`` is any node of a Redis Cluster (7.0 or newer; set
+        ``cluster-require-full-coverage no`` on its nodes). Users' channels are then shard
+        channels, and this node keeps a subscription (with heartbeats) per shard: a shard lost
+        closes the streams of its users only (1012), and refuses their new ones until the
+        subscription is back on the shard's new primary. ``stats()["backend"]["shards"]`` shows
+        each; the top-level health is that of the subscription to every node's channel, whose
+        loss closes no stream (only ``broadcast_to_all`` travels there, never replayed).
     """
 
     def __init__(
