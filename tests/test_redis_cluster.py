@@ -56,8 +56,10 @@ def one_user_per_master(cluster: RedisCluster, prefix: str = "") -> list[str]:
 async def test_each_users_events_reach_its_sockets_on_any_node(
     serve: ServeFn, connect: Connect, redis_cluster: RedisCluster
 ) -> None:
-    """One user per master, a socket of each on both nodes; both nodes publish for every user:
-    every socket gets its user's events once, in order, and a broadcast to all after them."""
+    """One user per master, a socket of each on both nodes; both nodes publish for every user,
+    and to all after each round: every socket gets its user's events once, in order, and each
+    broadcast to all in its place among them (its copy on each shard comes in order with that
+    shard's users' events)."""
     a, b = await cluster_nodes(serve, redis_cluster)
     people = one_user_per_master(redis_cluster)
     per_node = 20
@@ -74,16 +76,15 @@ async def test_each_users_events_reach_its_sockets_on_any_node(
             for n in range(per_node):
                 for user in people:
                     await node.hub.broadcast(user, {"type": "T", "payload": [user, n]})
-        assert b.hub is not None
-        await b.hub.broadcast_to_all({"type": "END"})
+                await node.hub.broadcast_to_all({"type": "ALL", "payload": n})
         for (user, _), ws in sockets.items():
-            frames = [await recv(ws) for _ in range(2 * per_node + 1)]
-            expected = [[user, n] for n in range(per_node)] * 2
-            assert [f.get("payload") for f in frames[:-1]] == expected
-            assert frames[-1]["type"] == "END"
+            frames = [await recv(ws) for _ in range(4 * per_node)]
+            expected = [p for n in range(per_node) for p in ([user, n], n)] * 2
+            assert [f["payload"] for f in frames] == expected
     for node in (a, b):
         backend = stats(node)
-        assert backend["events_received"] == len(people) * 2 * per_node + 1
+        # (each broadcast to all: one copy per shard)
+        assert backend["events_received"] == (len(people) + 3) * 2 * per_node
         assert [shard["user_channels"] for shard in backend["shards"]] == [1, 1, 1]
         assert backend["interruptions"] == 0
 

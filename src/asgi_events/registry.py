@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Hashable
+from collections.abc import Callable, Collection, Hashable
 from typing import Generic, TypeVar
 
 C = TypeVar("C", bound=Hashable)
@@ -33,6 +33,10 @@ class Registry(Generic[C]):
 
     def all(self) -> Collection[C]:
         return self._all.keys()
+
+    def where(self, test: Callable[[str], bool]) -> list[C]:
+        """The connections of the users ``test`` is true of."""
+        return [conn for user, conns in self._by_user.items() if test(user) for conn in conns]
 
     def __len__(self) -> int:
         return len(self._all)

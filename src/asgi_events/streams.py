@@ -251,18 +251,21 @@ class Streams:
         """Delivery was interrupted: this node's streams (of the users ``affected`` says, or
         all) may have missed events. Close them with 1012 so that their clients resume (here
         or on another node) without a gap."""
-        for stream in list(self._registry.all()):
-            if affected is not None and not affected(stream.user_id):
-                continue
+        registry = self._registry
+        for stream in list(registry.all()) if affected is None else registry.where(affected):
             stream.close(protocol.SERVICE_RESTART)
             self.detach(stream)
 
     # -- fan-out -------------------------------------------------------------------------
 
-    async def deliver(self, event: Published) -> None:
-        """Queue ``event`` for this node's streams it is for (the backend's ``Deliver``)."""
-        user_id = event.user_id
-        streams = self._registry.all() if user_id is None else self._registry.of(user_id)
+    async def deliver(self, event: Published, only: Callable[[str], bool] | None = None) -> None:
+        """Queue ``event`` for this node's streams it is for (the backend's ``Deliver``): a
+        user's, or every stream (of the users ``only`` is true of, if given)."""
+        user_id, registry = event.user_id, self._registry
+        if user_id is not None:
+            streams: Collection[Stream] = registry.of(user_id)
+        else:
+            streams = registry.all() if only is None else registry.where(only)
         if streams:
             await self.fan_out(streams, event)
 

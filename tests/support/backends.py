@@ -60,12 +60,25 @@ class Node:
     disconnects: list[tuple[str, int, str]] = field(default_factory=list)
     disconnected_after: list[int] = field(default_factory=list)
     affected: list[Callable[[str], bool] | None] = field(default_factory=list)
+    users: set[str] = field(default_factory=set)
+    """The users this node follows (as if it held streams of them)."""
+    reached: dict[str, set[str]] = field(default_factory=dict)
+    """For each text published to all, the users its copies have reached so far."""
     """For each loss, which users it concerned (None: all)."""
     """For each disconnect, how many events had been delivered before it."""
     _changed: anyio.Event = field(default_factory=anyio.Event)
 
-    async def deliver(self, published: Published) -> None:
-        self.delivered.append(published)
+    async def deliver(
+        self, published: Published, only: Callable[[str], bool] | None = None
+    ) -> None:
+        first = True
+        if published.user_id is None:  # (a cluster delivers one copy per shard: ``only``)
+            reached = self.reached.setdefault(published.text, set())
+            first = not reached
+            reached.update(user for user in self.users if only is None or only(user))
+            reached.add("")  # (reached this node)
+        if first:
+            self.delivered.append(published)
         self._changed.set()
         self._changed = anyio.Event()
 
@@ -99,8 +112,8 @@ class Node:
         removed (other nodes on the same Redis receive it too)."""
         marker = Published(None, f'{{"type":"settled","payload":"{secrets.token_hex(8)}"}}')
         await self.backend.publish_to_all(marker.text)
-        with anyio.fail_after(TIMEOUT):
-            while marker not in self.delivered:
+        with anyio.fail_after(TIMEOUT):  # (on a cluster, its copy on every shard of a user)
+            while not self.reached.get(marker.text, set()) >= self.users | {""}:
                 await self._changed.wait()
         self.delivered.remove(marker)
         return list(self.delivered)
@@ -177,7 +190,7 @@ class Subject:
         """A started backend (a node of its own, sharing the prefix for Redis), following the
         users of ``follow``."""
         backend, clock = self.make(**options)
-        node = Node(backend, self.kind, clock)
+        node = Node(backend, self.kind, clock, users=set(follow))
         backend.bind(
             node.deliver,
             node.lost,

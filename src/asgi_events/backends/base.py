@@ -96,8 +96,14 @@ class Published(NamedTuple):
         return self.id is None and self.user_id is not None
 
 
-Deliver = Callable[[Published], Awaitable[None]]
-"""Fan one event out to this node's streams."""
+class Deliver(Protocol):
+    """Fan one event out to this node's streams: its user's, or for ``broadcast_to_all``
+    every stream (those of the users ``only`` is true of, if given: a backend whose delivery
+    is split in parts delivers each part's copy to the streams of that part's users)."""
+
+    async def __call__(self, event: Published, only: Callable[[str], bool] | None = None) -> None:
+        """Queue ``event`` for the streams it is for."""
+
 
 Lost = Callable[[Callable[[str], bool] | None], Awaitable[None]]
 """Called when delivery was interrupted: events may have been missed, so streams must go:

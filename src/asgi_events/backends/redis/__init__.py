@@ -296,7 +296,15 @@ class RedisBackend:
         return await self._call(storage.append, user_id, fields, key)
 
     async def publish_to_all(self, text: str) -> None:
-        await self._call(self._storage.publish, None, text)
+        """On a cluster, one copy per shard (each delivered to that shard's users' streams):
+        if a shard fails, the copies already published are delivered."""
+        if isinstance(self._links, ClusterLinks):
+            channels = self._links.events_channels()
+            if not channels:
+                raise BackendUnavailableError("the Redis Cluster's layout is not known yet")
+            await self._call(self._storage.publish_to_shards, channels, text)
+        else:
+            await self._call(self._storage.publish, None, text)
 
     async def replay(
         self, user_id: str, resume: ResumePoint | None, latest: bool = False

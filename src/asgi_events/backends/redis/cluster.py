@@ -11,11 +11,14 @@ killed, a partition) closes with 1012 the streams of that shard's users only, an
 subscription is made again, with backoff, to whichever node serves the slots by then (the
 replica, once promoted): the users of the other shards never notice.
 
-``<prefix>:events`` (``broadcast_to_all``, and the copy of every disconnect) is a classic
-channel, which a cluster forwards to every node: one connection to any node receives it,
-preferably to a replica (so that a primary's failure does not touch it). Its loss closes no
-stream: nothing a resuming stream would get back was on it (``broadcast_to_all`` is never
-replayed). While it is down, new streams are refused with 1012, as on a single Redis.
+``broadcast_to_all`` is published on a channel of every shard (``routing``), and each shard's
+subscription also takes that shard's copy, which the node delivers to the streams of that
+shard's users only: each copy comes in order with those users' events. ``<prefix>:events``
+(the copy of every disconnect, for nodes that do not follow the user) is a classic channel,
+which a cluster forwards to every node: one connection to any node receives it, preferably to
+a replica (so that a primary's failure does not touch it). Its loss closes no stream: nothing
+a resuming stream would get back was on it. While it is down, new streams are refused with
+1012, as on a single Redis.
 
 Resharding (slots moved between primaries while nodes run) is not followed: Redis then
 unsubscribes the moved slots' channels, the shard's subscription is lost, and its users' new
@@ -57,6 +60,8 @@ class Shard:
     following: Following
     subscription: Subscription
     heartbeat_channel: str
+    events_channel: str
+    """Where ``broadcast_to_all`` reaches this shard's users (``routing``)."""
     address: str = ""
     """The node the subscription is (or was last) made to, ``host:port``."""
 
@@ -98,7 +103,7 @@ class ClusterLinks:
         timeout: float,
         delay: float,
         count: Callable[[str], int],
-        on_message: Callable[[str, str], Awaitable[None]],
+        on_message: Callable[..., Awaitable[None]],
         lost: Callable[[Affected], Awaitable[None]],
         subscribed: Callable[[], None],
         **options: Any,
@@ -172,21 +177,33 @@ class ClusterLinks:
             for start, end in ranges:
                 self._slots[start : end + 1] = bytes([index]) * (end - start + 1)
             following = Following(self._prefix, self._delay, self._count)
+            serves = partial(_within, ranges=ranges)
             shard = Shard(
                 ranges,
                 following,
                 Subscription(
                     Health(),
                     following=following,
-                    on_message=self._on_message,
+                    on_message=partial(self._on_shard_message, index),
                     lost=partial(self._shard_lost, index),
                     **self._options,
                 ),
-                routing.shard_heartbeat_channel(
-                    self._prefix, self._node, partial(_within, ranges=ranges)
-                ),
+                routing.shard_heartbeat_channel(self._prefix, self._node, serves),
+                routing.shard_events_channel(self._prefix, serves),
             )
             self.shards.append(shard)
+
+    def events_channels(self) -> list[str]:
+        """The channels of ``broadcast_to_all``, one per shard (none before the layout is
+        known)."""
+        return [shard.events_channel for shard in self.shards]
+
+    async def _on_shard_message(self, index: int, channel: str, data: str) -> None:
+        shard = self.shards[index]
+        if channel == shard.events_channel:  # for the streams of this shard's users
+            await self._on_message(channel, data, shard.following.follows)
+        else:
+            await self._on_message(channel, data)
 
     async def _shard_lost(self, index: int) -> None:
         shard = self.shards[index]
@@ -226,7 +243,10 @@ class ClusterLinks:
         ):
             try:
                 async with shard_link(
-                    connection, node_client, shard.heartbeat_channel, self._timeout
+                    connection,
+                    node_client,
+                    [shard.heartbeat_channel, shard.events_channel],
+                    self._timeout,
                 ) as link:
                     yield link
             finally:

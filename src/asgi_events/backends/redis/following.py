@@ -68,6 +68,11 @@ class Following:
         """Users followed: subscribed, to be, or idle but within ``delay``."""
         return len(self._followed)
 
+    def follows(self, user_id: str) -> bool:
+        """Whether this node follows the user (every user it holds a stream of, and the ones
+        within ``delay`` of their last)."""
+        return user_id in self._followed
+
     def confirmed(self, user_id: str) -> bool:
         """Whether the live subscription has the user's channel, confirmed."""
         return user_id in self._confirmed

@@ -48,8 +48,11 @@ class Inbox:
         self._follows = follows
         self._handled: dict[str, float] = {}  # disconnects' nonces -> when handled, oldest first
 
-    async def handle(self, channel: str, data: str) -> None:
-        """Deliver or act on one message, received on ``channel``."""
+    async def handle(
+        self, channel: str, data: str, only: Callable[[str], bool] | None = None
+    ) -> None:
+        """Deliver or act on one message, received on ``channel`` (``only``: a copy of a
+        ``broadcast_to_all`` for the streams of the users it is true of)."""
         message = routing.decode(data)
         if message is None:
             logger.warning("ignored a message on %s not published by asgi-events", channel)
@@ -62,7 +65,7 @@ class Inbox:
             if message.user_id is not None and not self._count(message.user_id):
                 self.events_received_idle += 1
             assert self.deliver is not None
-            await self.deliver(message)
+            await self.deliver(message, only)
 
     def _first(self, message: Disconnection, channel: str) -> bool:
         """Whether this copy of a disconnect is the one to handle (see the module)."""

@@ -150,13 +150,14 @@ class ShardLink:
 
 @asynccontextmanager
 async def shard_link(
-    connection: Any, client: Any, heartbeat_channel: str, confirm_within: float
+    connection: Any, client: Any, channels: list[str], confirm_within: float
 ) -> AsyncIterator[ShardLink]:
-    """A ``ShardLink`` subscribed to ``heartbeat_channel``, its connection read meanwhile."""
-    link = ShardLink(connection, client, heartbeat_channel, confirm_within)
+    """A ``ShardLink`` subscribed to ``channels`` (the first one: its heartbeat channel), its
+    connection read meanwhile."""
+    link = ShardLink(connection, client, channels[0], confirm_within)
     async with anyio.create_task_group() as tg:
         tg.start_soon(link.pump)
-        await link.subscribe(heartbeat_channel)
+        await link.subscribe(*channels)
         yield link
         tg.cancel_scope.cancel()
 

@@ -25,8 +25,12 @@ Channels:
   first ``n`` whose hash slot the shard serves (``shard_heartbeat_channel``).
 
 On a Redis Cluster (``cluster``) the users' channels are shard channels (``SPUBLISH``, received
-with ``SSUBSCRIBE`` from the node serving the user's slot), and ``<prefix>:events`` stays a
-classic channel, which a cluster forwards to every node.
+with ``SSUBSCRIBE`` from the node serving the user's slot). ``broadcast_to_all`` goes on a shard
+channel of every shard, ``<prefix>:events:{<n>}`` (``shard_events_channel``), and a node
+delivers each copy to the streams of that shard's users: each copy travels on the same
+connection as those users' events, so the order above holds on a cluster too.
+``<prefix>:events`` stays a classic channel (a cluster forwards it to every node), for the
+copies of disconnects only.
 
 Redis hands a subscriber its messages in the order it ran the publishes, whatever their
 channels, so a node receives each user's events in id order, and a ``broadcast_to_all`` after
@@ -167,6 +171,15 @@ def shard_heartbeat_channel(prefix: str, node: str, serves: Callable[[int], bool
     """A heartbeat channel of ``node`` in a hash slot that ``serves`` (a shard's test)."""
     n = 0
     while not serves(hash_slot(channel := f"{prefix}:heartbeat:{{{node}.{n}}}")):
+        n += 1
+    return channel
+
+
+def shard_events_channel(prefix: str, serves: Callable[[int], bool]) -> str:
+    """The channel of ``broadcast_to_all`` on a cluster shard: ``<prefix>:events:{<n>}`` with
+    the first ``n`` whose hash slot the shard (``serves``) serves."""
+    n = 0
+    while not serves(hash_slot(channel := f"{prefix}:events:{{{n}}}")):
         n += 1
     return channel
 
