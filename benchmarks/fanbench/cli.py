@@ -45,7 +45,7 @@ from .common import (
     variants_for,
     wait_for_quiet,
 )
-from .procs import REDIS_KINDS, cleanup_on_exit, cluster_unavailable, redis_description
+from .procs import REDIS_KINDS, cleanup_on_exit, redis_description
 from .report import (
     burst_report,
     idle_report,
@@ -88,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--redis",
         choices=REDIS_KINDS,
         default="single",
-        help="asgi-events-redis and routing: one redis-server, or a Redis Cluster (3 masters)",
+        help="asgi-events-redis and routing: one redis-server, or a Redis Cluster (3 masters, "
+        "3 replicas)",
     )
     parser.add_argument(
         "--load-loop",
@@ -143,7 +144,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.redis == "cluster" and not args.serve and not args.chart_only:
         if REDIS_VARIANT not in args.variants:
             parser.error(f"--redis cluster applies to {REDIS_VARIANT} (burst) and routing mode")
-        parser.error(f"--redis cluster is not available yet: {cluster_unavailable()}")
     if args.mode != "burst" and args.profile:
         parser.error("--profile is for burst mode")
     apply_defaults(args)

@@ -107,10 +107,11 @@ NOISY = 0.10  # other processes + steal above this share of a core: the run was 
 QUIET = 0.10  # before a run, wait (bounded) until the machine is busy below this, in cores
 QUIET_LOOK = 0.1  # --quiet-wait 0: how long to look at the machine before a run, s
 BENCH_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = BENCH_DIR.parent  # --redis cluster imports tests.support.redis_cluster from here
 ENTRY_SCRIPT = BENCH_DIR / "fanout.py"
 RESULTS_DIR = BENCH_DIR / "results"
 CHART_PATH = RESULTS_DIR / "fanout.png"
-SRC_DIR = BENCH_DIR.parent / "src" / "asgi_events"
+SRC_DIR = PROJECT_DIR / "src" / "asgi_events"
 
 # Bounds on every wait (seconds); --timeout bounds the delivery wait itself.
 SERVER_START_TIMEOUT = 30.0
@@ -119,6 +120,7 @@ HTTP_TIMEOUT = 10.0
 SERVER_READY_WAIT = 10.0  # the server waits this long for all N sockets to be registered
 SERVER_STOP_TIMEOUT = 15.0
 REDIS_START_TIMEOUT = 10.0
+REDIS_CLUSTER_START_TIMEOUT = 30.0  # six nodes, the cluster created and every replica in sync
 CHILD_MAX_LIFETIME = 900.0  # a server process ends itself after this, whatever happens
 
 Message = MutableMapping[str, Any]

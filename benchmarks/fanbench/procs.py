@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import os
 import re
@@ -16,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -23,6 +23,8 @@ from .common import (
     ENTRY_SCRIPT,
     HOST,
     HTTP_TIMEOUT,
+    PROJECT_DIR,
+    REDIS_CLUSTER_START_TIMEOUT,
     REDIS_START_TIMEOUT,
     REDIS_VARIANT,
     SERVER_CPU,
@@ -53,6 +55,17 @@ async def http_request(
     return int(status_line.split()[1]), json.loads(payload) if payload else {}
 
 
+def main_thread_cpu_seconds(pid: int) -> float:
+    """CPU time so far of the main thread of process ``pid`` (ns resolution where available)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as schedstat:
+            return int(schedstat.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):  # no schedstat: clock ticks of the process
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class ProcStats:
     """CPU time and peak RSS of a child process, read from ``/proc``."""
 
@@ -60,13 +73,7 @@ class ProcStats:
 
     def cpu_seconds(self) -> float:
         """CPU time of the process's main thread so far (ns resolution where available)."""
-        try:
-            with open(f"/proc/{self.proc.pid}/schedstat") as schedstat:
-                return int(schedstat.read().split()[0]) / 1e9
-        except (OSError, ValueError, IndexError):  # no schedstat: clock ticks of the process
-            with open(f"/proc/{self.proc.pid}/stat") as stat:
-                fields = stat.read().rpartition(")")[2].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return main_thread_cpu_seconds(self.proc.pid)
 
     def status(self, key: str) -> str:
         with open(f"/proc/{self.proc.pid}/status") as status:
@@ -244,6 +251,9 @@ class RedisProcess(ProcStats):
 
     cluster = False
 
+    def redis_cpu(self) -> RedisCpu:
+        return RedisCpu((self.cpu_seconds(),))
+
     def close(self) -> None:
         """SIGTERM (it saves nothing, so it exits at once), then SIGKILL; bounded."""
         if self.proc.poll() is None:
@@ -261,48 +271,111 @@ class RedisProcess(ProcStats):
 REDIS_KINDS = ("single", "cluster")
 
 
+@dataclass(frozen=True)
+class RedisCpu:
+    """CPU seconds so far of a Redis's processes (main threads): ``parts`` are what a run
+    reports as its redis CPU (the one redis-server, or each master of a cluster, by first
+    slot), ``replicas`` the cluster's replicas, summed (not reported as redis CPU; counted so
+    that they do not show as other processes' CPU)."""
+
+    parts: tuple[float, ...] = ()
+    replicas: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts)
+
+    def __sub__(self, before: RedisCpu) -> RedisCpu:
+        parts = tuple(a - b for a, b in zip(self.parts, before.parts, strict=True))
+        return RedisCpu(parts, self.replicas - before.replicas)
+
+
 class RedisService(Protocol):
     """What a run needs of its Redis, one server or a cluster: where the nodes connect, and
-    the CPU time of its processes (a cluster's: summed over them)."""
+    the CPU time of its processes."""
 
     url: str
     cluster: bool  # the nodes pass cluster=True to RedisBackend
 
     async def wait_ready(self) -> None: ...
-    def cpu_seconds(self) -> float: ...
+    def redis_cpu(self) -> RedisCpu: ...
     def close(self) -> None: ...
+
+
+class ClusterRedis:
+    """A Redis Cluster for one run: three masters and a replica each, started by the tests'
+    harness (``tests/support/redis_cluster.py``), every thread of its six processes pinned to
+    the server CPU like the single redis-server. Its redis CPU is the masters' main threads
+    (the replicas' apart, see ``RedisCpu``)."""
+
+    live: ClassVar[set[ClusterRedis]] = set()  # for the cleanup on exit
+    cluster = True
+
+    def __init__(self) -> None:
+        redis_server_binary()  # fails early, saying what to install
+        if str(PROJECT_DIR) not in sys.path:
+            sys.path.insert(0, str(PROJECT_DIR))  # for ``tests.support``
+        from tests.support.redis_cluster import RedisCluster
+
+        self.harness = RedisCluster()
+        self.url = ""
+        self.masters: list[int] = []  # main process ids, by first slot
+        self.replicas: list[int] = []
+        ClusterRedis.live.add(self)
+
+    async def wait_ready(self) -> None:
+        """Start the cluster (the harness returns once every node agrees on the slot map and
+        every replica is in sync), then pin its processes and note their ids."""
+        await asyncio.to_thread(self.harness.start, REDIS_CLUSTER_START_TIMEOUT)
+        from tests.support.redis_cluster import command
+
+        def pid(port: int) -> int:
+            found = re.search(r"^process_id:(\d+)", str(command(port, "INFO", "server")), re.M)
+            assert found, f"no process_id in INFO server of {port}"
+            return int(found[1])
+
+        masters = self.harness.masters()
+        self.masters = [pid(node.port) for node in masters]
+        self.replicas = [pid(port) for node in masters for port in node.replicas]
+        for process in self.masters + self.replicas:
+            pin_process(process, SERVER_CPU)
+        self.url = self.harness.url
+
+    def redis_cpu(self) -> RedisCpu:
+        return RedisCpu(
+            tuple(main_thread_cpu_seconds(pid) for pid in self.masters),
+            sum(main_thread_cpu_seconds(pid) for pid in self.replicas),
+        )
+
+    def close(self) -> None:
+        """Kill the six processes (nothing to save) and remove their temp dirs."""
+        self.harness.stop()
+        ClusterRedis.live.discard(self)
+
+
+def pin_process(pid: int, cpu: int) -> None:
+    """Pin every thread of process ``pid`` to ``cpu`` if the machine has it."""
+    if (os.cpu_count() or 1) <= cpu:
+        return
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):  # a thread that just ended
+            os.sched_setaffinity(int(task), {cpu})
 
 
 def redis_description(kind: str) -> str:
     """For the report header."""
     if kind == "single":
         return f"one redis-server {redis_server_version()}"
-    return f"a Redis Cluster (3 masters, redis-server {redis_server_version()})"
-
-
-def cluster_unavailable() -> str | None:
-    """Why ``--redis cluster`` cannot run here, or None once it can.
-
-    It needs two things that are being added elsewhere: ``RedisBackend(url, cluster=True)``
-    and a harness that starts a cluster of three masters (and three replicas) on loopback
-    ports. When both exist, ``start_redis`` wraps the harness in a ``RedisService`` (CPU: the
-    sum over its processes, pinned to the server CPU like the single redis-server) and the
-    rest of the benchmark needs no change: the nodes get ``--redis-cluster``.
-    """
-    try:
-        from asgi_events.backends.redis import RedisBackend
-    except ImportError as exc:
-        return f"the Redis backend does not import ({exc})"
-    if "cluster" not in inspect.signature(RedisBackend).parameters:
-        return "RedisBackend has no cluster=True yet (the Redis Cluster backend is not merged)"
-    return "no Redis Cluster harness in fanbench yet (tests/support/redis_cluster.py is coming)"
+    return (
+        f"a Redis Cluster of redis-server {redis_server_version()} (3 masters, 3 replicas; "
+        "redis CPU: the masters' main threads, summed)"
+    )
 
 
 def start_redis(kind: str) -> RedisService:
-    """A fresh Redis for one run: ``single`` is one redis-server, ``cluster`` three masters."""
-    if kind == "single":
-        return RedisProcess()
-    raise SystemExit(f"--redis cluster is not available yet: {cluster_unavailable()}")
+    """A fresh Redis for one run: ``single`` is one redis-server, ``cluster`` three masters
+    and three replicas."""
+    return RedisProcess() if kind == "single" else ClusterRedis()
 
 
 @contextlib.contextmanager
@@ -320,4 +393,6 @@ def cleanup_on_exit() -> Iterator[None]:
             proc.close()
         for redis in list(RedisProcess.live):
             redis.close()
+        for cluster in list(ClusterRedis.live):
+            cluster.close()
         signal.signal(signal.SIGTERM, previous)

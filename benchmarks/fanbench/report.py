@@ -35,7 +35,7 @@ from .common import (
     VARIANTS,
     percent,
 )
-from .runs import IdleResult, RunResult
+from .runs import IdleResult, RunResult, redis_cpu_text
 
 GOALS = {"asgi-events": PLAIN_GOAL, BATCH_VARIANT: BATCH_GOAL, SSE_VARIANT: SSE_GOAL}
 
@@ -157,7 +157,18 @@ def burst_report(args: argparse.Namespace, results: list[RunResult], header: lis
         ]
     lines += sse_notes(medians)
     lines += peer_notes(medians)
-    if REDIS_VARIANT in medians:
+    if REDIS_VARIANT in medians and args.redis == "cluster":
+        lines += [
+            "",
+            f"{REDIS_VARIANT}: two server processes (nodes) on a Redis Cluster (three masters, "
+            "a replica each; the nodes use `RedisBackend(url, cluster=True)`), half the clients "
+            "on each; node 1 publishes the burst with `broadcast_to_all`, node 2 gets it through "
+            f"Redis. Both nodes and all six redis-server processes share CPU {SERVER_CPU} (the "
+            f"load is on CPU {LOAD_CPU}). Its server CPU, GC and peak RSS are both nodes' sums; "
+            "redis CPU is the sum of the three masters' main threads (per run: each master's, "
+            "and the replicas' sum, which is not in the redis CPU).",
+        ]
+    elif REDIS_VARIANT in medians:
         lines += [
             "",
             f"{REDIS_VARIANT}: two server processes (nodes) on one redis-server, half the "
@@ -190,7 +201,8 @@ def burst_report(args: argparse.Namespace, results: list[RunResult], header: lis
             f"| {r.deliveries_per_frame:.1f} | {r.window_s:.3f} "
             f"| {r.call_ms:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.lost} | {r.out_of_order} "
             f"| {r.duplicates} | {r.closed} | {r.server_cpu:.0%} | {r.server_gc:.0%} "
-            f"| {'/'.join(map(str, r.gc_runs))} | {rss} | {percent(r.redis_cpu)} "
+            f"| {'/'.join(map(str, r.gc_runs))} | {rss} "
+            f"| {redis_cpu_text(r.redis_cpu, r.redis_cpu_parts, r.redis_replicas_cpu)} "
             f"| {r.load_cpu:.0%} | {percent(r.load_cpu_delivering)} "
             f"| {r.softirq_cpu:.0%} | {r.other_cpu:.0%} "
             f"| {'; '.join(r.notes)} |"

@@ -51,8 +51,8 @@ from .common import (
     run_load,
     wait_for_quiet,
 )
-from .procs import RedisService, ServerProcess, http_request, start_redis
-from .runs import post, run_prefix
+from .procs import RedisCpu, RedisService, ServerProcess, http_request, start_redis
+from .runs import post, redis_cpu_text, run_prefix
 
 CASES = ("one-sided", "even")
 
@@ -111,7 +111,7 @@ class RoutingResult:
     publisher_cpu_s: float
     publisher_cpu: float
     publish_call_s: float  # the publisher's loops, first call to last return
-    redis_cpu_s: float
+    redis_cpu_s: float  # redis-server's main thread (a cluster: the masters', summed)
     redis_cpu: float
     load_cpu: float
     other_cpu: float
@@ -130,6 +130,8 @@ class RoutingResult:
     variant: str = REDIS_VARIANT
     client: str = ""
     notes: list[str] = field(default_factory=list)
+    redis_cpu_parts: list[float] = field(default_factory=list)  # a cluster: per master
+    redis_replicas_cpu: float | None = None  # a cluster: its replicas' main threads, summed
 
     def received_share(self, node: int) -> float:
         return self.node_received[node] / self.events if self.events else float("nan")
@@ -163,9 +165,9 @@ class RoutingFleet:
     publisher: ServerProcess
     clients: list[tuple[int, BaseClient]] = field(default_factory=list)  # (node, client)
 
-    def cpu_seconds(self) -> tuple[list[float], float, float]:
+    def cpu_seconds(self) -> tuple[list[float], float, RedisCpu]:
         nodes = [node.cpu_seconds() for node in self.nodes]
-        return nodes, self.publisher.cpu_seconds(), self.redis.cpu_seconds()
+        return nodes, self.publisher.cpu_seconds(), self.redis.redis_cpu()
 
 
 @contextlib.asynccontextmanager
@@ -328,21 +330,24 @@ def make_result(
     *,
     wall: float,
     counters: tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], dict[str, Any]],
-    cpu: tuple[tuple[list[float], float, float], tuple[list[float], float, float], float, float],
+    cpu: tuple[
+        tuple[list[float], float, RedisCpu], tuple[list[float], float, RedisCpu], float, float
+    ],
     client: str,
 ) -> RoutingResult:
     before, after, publisher_before, publisher_after = counters
     (nodes_before, pub_before, redis_before), (nodes_after, pub_after, redis_after) = cpu[:2]
     load_s, machine_s = cpu[2], cpu[3]
     node_cpu_s = [b - a for a, b in zip(nodes_before, nodes_after, strict=True)]
-    publisher_cpu_s, redis_cpu_s = pub_after - pub_before, redis_after - redis_before
+    publisher_cpu_s, redis = pub_after - pub_before, redis_after - redis_before
+    redis_cpu_s = redis.total
     window_s = max(hit.last_ns - int(answer["start_ns"]), 1) / 1e9
     per_node = [
         sum(c.received for k, c in f.clients if k == node and c.tally is hit) for node in (0, 1)
     ]
     hit.settle()
     latencies = sorted(hit.latencies_ns)
-    own = sum(node_cpu_s) + publisher_cpu_s + redis_cpu_s + load_s
+    own = sum(node_cpu_s) + publisher_cpu_s + redis_cpu_s + redis.replicas + load_s
     result = RoutingResult(
         case=case,
         run=run,
@@ -385,6 +390,9 @@ def make_result(
         timed_out=timed_out,
         client=client,
     )
+    if f.redis.cluster:
+        result.redis_cpu_parts = [part / wall for part in redis.parts]
+        result.redis_replicas_cpu = redis.replicas / wall
     if timed_out:
         result.notes.append(f"timed out ({hit.received:,} of {hit.expected:,} deliveries)")
     if result.unexpected:
@@ -412,13 +420,14 @@ def routing_runs(args: argparse.Namespace) -> list[RoutingResult]:
 
 def print_routing(r: RoutingResult) -> None:
     a, b = r.node_received
+    redis = redis_cpu_text(r.redis_cpu, r.redis_cpu_parts, r.redis_replicas_cpu)
     print(
         f"  run {r.run} routing {r.case:<10} {r.client:<10} {r.events:,} events  "
         f"received A {a:,} ({r.received_share(0):.1%}) B {b:,} ({r.received_share(1):.1%})  "
         f"idle {r.node_received_idle[0]}/{r.node_received_idle[1]}  "
         f"CPU A {r.node_cpu_s[0]:.4f} s ({r.node_cpu[0]:.0%}) B {r.node_cpu_s[1]:.4f} s "
         f"({r.node_cpu[1]:.1%}), per event A {r.cpu_us_per_event(0):.0f} us  "
-        f"publisher {r.publisher_cpu:.0%}  redis {r.redis_cpu:.0%}  "
+        f"publisher {r.publisher_cpu:.0%}  redis {redis}  "
         f"{r.deliveries_per_s:,.0f} deliveries/s (A {r.node_deliveries_per_s[0]:,.0f}, "
         f"B {r.node_deliveries_per_s[1]:,.0f})  p99 {r.p99_ms:.1f} ms  lost {r.lost}  "
         f"ooo {r.out_of_order}  dup {r.duplicates}  misrouted {r.misrouted}  "

@@ -18,6 +18,7 @@ from .common import (
 )
 from .report import verdict
 from .routing import CASES, RoutingResult, median
+from .runs import redis_cpu_text
 
 
 def pair(values: Sequence[float], fmt: str) -> str:
@@ -76,7 +77,8 @@ def routing_report(
         "Per run, in the order run (window: the publisher's first event to the last delivery; "
         "publish s: the publisher's loops; channels: users' channels each node was subscribed "
         "to at the start; load CPU and the publisher share CPU 1, above "
-        "90% together the run is LOAD-BOUND):",
+        "90% together the run is LOAD-BOUND; a cluster's redis CPU is its masters' sum, each "
+        "master's and the replicas' after it):",
         "",
         "| run | case | load client | events | window s | publish s | deliveries/s A / B "
         "| received A / B | idle A / B | channels A / B | publisher received | CPU A / B "
@@ -95,7 +97,8 @@ def routing_report(
             f"| {pair(r.node_cpu_s, '.4f')} "
             f"| {r.cpu_us_per_event(0):.0f} / {r.cpu_us_per_event(1):.0f} "
             f"| {percent(r.publisher_cpu)} "
-            f"| {percent(r.redis_cpu)} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.max_ms:.1f} "
+            f"| {redis_cpu_text(r.redis_cpu, r.redis_cpu_parts, r.redis_replicas_cpu)} "
+            f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.max_ms:.1f} "
             f"| {r.lost} | {r.out_of_order} | {r.duplicates} | {r.misrouted} | {r.closed} "
             f"| {r.load_cpu:.0%} | {r.other_cpu:.0%} | {'; '.join(r.notes)} |"
         )

@@ -33,7 +33,7 @@ from .common import (
     percent,
     percentile,
 )
-from .procs import RedisService, ServerProcess, http_request, start_redis
+from .procs import RedisCpu, RedisService, ServerProcess, http_request, start_redis
 
 
 @dataclass
@@ -55,7 +55,8 @@ class RunResult:
     server_cpu: float  # share of one core over the window (all nodes)
     server_rss_mb: float  # peak RSS, summed over the nodes
     node_rss_mb: list[float]  # peak RSS per node
-    redis_cpu: float | None  # redis-server's main thread, share of one core (Redis variant)
+    redis_cpu: float | None  # redis-server's main thread (a cluster: the masters'), share of one
+    # core (Redis variant)
     load_cpu: float  # over the whole run (from POST /publish)
     load_cpu_delivering: float  # from the first delivery to the last
     server_gc: float  # share of the window the server spent in the garbage collector
@@ -71,6 +72,8 @@ class RunResult:
     lag_max_ms: float = float("nan")
     notes: list[str] = field(default_factory=list)
     client: str = ""  # the load client and the load process's loop, e.g. "sse/uvloop"
+    redis_cpu_parts: list[float] = field(default_factory=list)  # a cluster: per master
+    redis_replicas_cpu: float | None = None  # a cluster: its replicas' main threads, summed
 
     @property
     def load_bound(self) -> bool:
@@ -127,8 +130,8 @@ class Fleet:
     def ports(self) -> list[int]:
         return [node.port for node in self.nodes]
 
-    def server_cpu_seconds(self) -> tuple[float, float]:
-        redis = self.redis.cpu_seconds() if self.redis else 0.0
+    def server_cpu_seconds(self) -> tuple[float, RedisCpu]:
+        redis = self.redis.redis_cpu() if self.redis else RedisCpu()
         return sum(n.cpu_seconds() for n in self.nodes), redis
 
     def close_clients(self, clients: list[BaseClient]) -> None:
@@ -286,7 +289,8 @@ async def measure(
     if tally.first_perf and wall_after - tally.first_perf > 0.01:  # too short to tell
         load_cpu_delivering = (cpu_after - tally.first_cpu) / (wall_after - tally.first_perf)
     servers_cpu = server_after[0] - server_before[0]
-    redis_cpu = server_after[1] - server_before[1]
+    redis = server_after[1] - server_before[1]
+    redis_cpu = redis.total
     # A stalled run that timed out: the healthy clients waited until the end.
     last_ns = end_ns if (stall and timed_out) else tally.last_ns
     window_s = max(last_ns - int(answer["start_ns"]), 1) / 1e9
@@ -316,7 +320,12 @@ async def measure(
         softirq_cpu=(machine_after[1] - machine_before[1]) / wall,
         other_cpu=max(
             0.0,
-            machine_after[0] - machine_before[0] - servers_cpu - redis_cpu - load_cpu * wall,
+            machine_after[0]
+            - machine_before[0]
+            - servers_cpu
+            - redis_cpu
+            - redis.replicas
+            - load_cpu * wall,
         )
         / wall,
         window_s=window_s,
@@ -328,6 +337,9 @@ async def measure(
         lag_max_ms=float(answer.get("lag_max_ms", float("nan"))),
         notes=notes,
     )
+    if f.redis is not None and f.redis.cluster:
+        result.redis_cpu_parts = [part / wall for part in redis.parts]
+        result.redis_replicas_cpu = redis.replicas / wall
     add_notes(result, tally, variant, wait, delivered)
     return result
 
@@ -413,7 +425,8 @@ async def warm_up(f: Fleet, variant: str) -> None:
 def print_run(result: RunResult) -> None:
     redis_cpu = ""
     if result.redis_cpu is not None:
-        redis_cpu = f"redis CPU {percent(result.redis_cpu)}  "
+        text = redis_cpu_text(result.redis_cpu, result.redis_cpu_parts, result.redis_replicas_cpu)
+        redis_cpu = f"redis CPU {text}  "
     stalled = f" (stalled {result.stalled})" if result.stalled else ""
     print(
         f"  run {result.run} {result.variant + stalled:<33} {result.client:<16} "
@@ -428,6 +441,14 @@ def print_run(result: RunResult) -> None:
         f"{' '.join(result.notes)}",
         flush=True,
     )
+
+
+def redis_cpu_text(total: float | None, parts: list[float], replicas: float | None) -> str:
+    """The redis CPU; a cluster's with each master's and the replicas' (not in the total) after
+    it: ``3.1% (1.0%/1.1%/1.0%; replicas 0.8%)``."""
+    if not parts:
+        return percent(total)
+    return f"{percent(total)} ({'/'.join(map(percent, parts))}; replicas {percent(replicas)})"
 
 
 def print_idle(result: IdleResult) -> None:
