@@ -162,8 +162,9 @@ def burst_report(args: argparse.Namespace, results: list[RunResult], header: lis
             "",
             f"{REDIS_VARIANT}: two server processes (nodes) on a Redis Cluster (three masters, "
             "a replica each; the nodes use `RedisBackend(url, cluster=True)`), half the clients "
-            "on each; node 1 publishes the burst with `broadcast_to_all`, node 2 gets it through "
-            f"Redis. Both nodes and all six redis-server processes share CPU {SERVER_CPU} (the "
+            "on each; node 1 publishes the burst with `broadcast_to_all` (one copy per shard), "
+            "node 2 gets it through Redis. Both nodes and all six redis-server processes share "
+            f"CPU {SERVER_CPU} (the "
             f"load is on CPU {LOAD_CPU}). Its server CPU, GC and peak RSS are both nodes' sums; "
             "redis CPU is the sum of the three masters' main threads (per run: each master's, "
             "and the replicas' sum, which is not in the redis CPU).",
