@@ -53,7 +53,7 @@ from .presence import Presence
 from .routing import UserKeys
 from .single import SingleLink
 from .storage import Storage
-from .subscription import Health, closing_quietly
+from .subscription import Health, Wiring, closing_quietly
 
 __all__ = ("RedisBackend",)
 
@@ -153,25 +153,24 @@ class RedisBackend:
         self._storage = Storage(prefix, channel, max(int(meta_ttl * 1000), 1), sharded=cluster)
         self._presence = Presence(self._health, prefix, node, presence_ttl, timeout)
         self._inbox = Inbox(channel, self._presence.count, self._follows)
-        shared: dict[str, Any] = {
-            "health": self._health,
-            "prefix": prefix,
-            "node": node,
-            "channel": channel,
-            "timeout": timeout,
-            "delay": unsubscribe_delay,
-            "count": self._presence.count,
-            "on_message": self._inbox.handle,
-            "subscribed": self._subscribed,
-            "max_backoff": max_backoff,
-            "heartbeat_interval": heartbeat_interval,
-            "heartbeat_timeout": heartbeat_timeout if heartbeat_timeout is not None else timeout,
-        }
-        self._links: SingleLink | ClusterLinks
-        if cluster:
-            self._links = ClusterLinks(url, lost=self._on_lost, **shared)
-        else:
-            self._links = SingleLink(url, lost=self._on_lost, **shared)
+        wiring = Wiring(
+            url=url,
+            health=self._health,
+            prefix=prefix,
+            node=node,
+            channel=channel,
+            timeout=timeout,
+            delay=unsubscribe_delay,
+            count=self._presence.count,
+            on_message=self._inbox.handle,
+            subscribed=self._subscribed,
+            max_backoff=max_backoff,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout if heartbeat_timeout is not None else timeout,
+        )
+        self._links = (
+            ClusterLinks(wiring, self._on_lost) if cluster else SingleLink(wiring, self._on_lost)
+        )
 
     # -- public, read-only views (for operators and tests) ---------------------------------
 

@@ -43,7 +43,7 @@ from coredis.retry import NoRetryPolicy
 from . import routing
 from .following import Following
 from .links import Client, Link, PubSubLink, shard_link
-from .subscription import Health, Subscription
+from .subscription import Health, Subscription, Wiring
 
 logger = logging.getLogger("asgi_events")
 
@@ -85,43 +85,20 @@ class Shard:
 class ClusterLinks:
     """This node's subscriptions on a Redis Cluster (see the module).
 
-    :param url: the URL of any node of the cluster (its credentials and options are used for
-        every node).
+    ``wiring.url`` is the URL of any node of the cluster (its credentials and options are used
+    for every node).
+
     :param lost: called with the users whose streams must close (1012) when a shard's
         subscription was lost.
-    :param options: ``Subscription``'s heartbeat and backoff parameters.
     """
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        health: Health,
-        prefix: str,
-        node: str,
-        channel: str,
-        timeout: float,
-        delay: float,
-        count: Callable[[str], int],
-        on_message: Callable[..., Awaitable[None]],
-        lost: Callable[[Affected], Awaitable[None]],
-        subscribed: Callable[[], None],
-        **options: Any,
-    ) -> None:
-        self.url = url
-        self.health = health
+    def __init__(self, wiring: Wiring, lost: Callable[[Affected], Awaitable[None]]) -> None:
+        self.health = wiring.health
         """The subscription to every node's channel."""
         self.shards: list[Shard] = []
-        self._prefix, self._node, self._channel = prefix, node, channel
-        self._timeout, self._delay, self._count = timeout, delay, count
-        self._on_message, self._lost, self._options = on_message, lost, options
-        self.subscription = Subscription(
-            self.health,
-            following=None,
-            on_message=on_message,
-            lost=self._everyone_lost,
-            subscribed=subscribed,
-            **options,
+        self._wiring, self._lost = wiring, lost
+        self.subscription = wiring.subscription(
+            self.health, None, wiring.on_message, self._everyone_lost, wiring.subscribed
         )
         self._slots = bytearray(routing.SLOTS)  # slot -> index of its shard in ``shards``
         self._attempts = 0  # connections tried for every node's channel (to rotate nodes)
@@ -132,7 +109,7 @@ class ClusterLinks:
         """The shard of the user's slot; None before the cluster's layout is known."""
         if not self.shards:
             return None
-        slot = routing.hash_slot(routing.user_channel(self._prefix, user_id))
+        slot = routing.hash_slot(routing.user_channel(self._wiring.prefix, user_id))
         return self.shards[self._slots[slot]]
 
     def route(self, user_id: str) -> tuple[Following, Health] | None:
@@ -160,13 +137,13 @@ class ClusterLinks:
             delay = 0.1
             while not self.shards:
                 try:
-                    self._learn(await _layout(client, self._timeout))
+                    self._learn(await _layout(client, self._wiring.timeout))
                 except (coredis.exceptions.RedisError, OSError, TimeoutError) as exc:
                     self.health.failed(exc)
                     task_status.started()
                     task_status = anyio.TASK_STATUS_IGNORED
                     await anyio.sleep(delay)
-                    delay = min(delay * 2, self._options["max_backoff"])
+                    delay = min(delay * 2, self._wiring.max_backoff)
             for shard in self.shards:
                 await tg.start(shard.subscription.run, partial(self._open_shard, client, shard))
             task_status.started()
@@ -176,20 +153,20 @@ class ClusterLinks:
         for index, ranges in enumerate(placement.ranges for placement in layout):
             for start, end in ranges:
                 self._slots[start : end + 1] = bytes([index]) * (end - start + 1)
-            following = Following(self._prefix, self._delay, self._count)
+            wiring = self._wiring
+            following = Following(wiring.prefix, wiring.delay, wiring.count)
             serves = partial(_within, ranges=ranges)
             shard = Shard(
                 ranges,
                 following,
-                Subscription(
+                wiring.subscription(
                     Health(),
-                    following=following,
-                    on_message=partial(self._on_shard_message, index),
-                    lost=partial(self._shard_lost, index),
-                    **self._options,
+                    following,
+                    partial(self._on_shard_message, index),
+                    partial(self._shard_lost, index),
                 ),
-                routing.shard_heartbeat_channel(self._prefix, self._node, serves),
-                routing.shard_events_channel(self._prefix, serves),
+                routing.shard_heartbeat_channel(wiring.prefix, wiring.node, serves),
+                routing.shard_events_channel(wiring.prefix, serves),
             )
             self.shards.append(shard)
 
@@ -201,9 +178,9 @@ class ClusterLinks:
     async def _on_shard_message(self, index: int, channel: str, data: str) -> None:
         shard = self.shards[index]
         if channel == shard.events_channel:  # for the streams of this shard's users
-            await self._on_message(channel, data, shard.following.follows)
+            await self._wiring.on_message(channel, data, shard.following.follows)
         else:
-            await self._on_message(channel, data)
+            await self._wiring.on_message(channel, data)
 
     async def _shard_lost(self, index: int) -> None:
         shard = self.shards[index]
@@ -225,7 +202,7 @@ class ClusterLinks:
     @asynccontextmanager
     async def _open_shard(self, client: Any, shard: Shard) -> AsyncIterator[Link]:
         """A link to the primary serving the shard's slots now."""
-        layout = await _layout(client, self._timeout)
+        layout = await _layout(client, self._wiring.timeout)
         first = shard.ranges[0][0]
         placement = next(p for p in layout if _within(first, p.ranges))
         if placement.primary is None:
@@ -234,7 +211,7 @@ class ClusterLinks:
             # A failover: the command client would learn the new primary only after a few
             # more failed commands; have it learn now, so the shard's users' commands go
             # there once this subscription is back.
-            with anyio.fail_after(self._timeout):
+            with anyio.fail_after(self._wiring.timeout):
                 await client.connection_pool.cluster_layout.initialize()
         shard.address = placement.primary
         async with (
@@ -246,7 +223,7 @@ class ClusterLinks:
                     connection,
                     node_client,
                     [shard.heartbeat_channel, shard.events_channel],
-                    self._timeout,
+                    self._wiring.timeout,
                 ) as link:
                     yield link
             finally:
@@ -256,20 +233,20 @@ class ClusterLinks:
     async def _open_every_node(self, client: Any) -> AsyncIterator[Link]:
         """A link for every node's channel, to a node of the cluster (replicas first, a
         different one at each attempt)."""
-        layout = await _layout(client, self._timeout)
+        layout = await _layout(client, self._wiring.timeout)
         replicas = [address for placement in layout for address in placement.replicas]
         primaries = [placement.primary for placement in layout if placement.primary]
         candidates = replicas + primaries
         address = self.address = candidates[self._attempts % len(candidates)]
         self._attempts += 1
-        heartbeat = routing.heartbeat_channel(self._prefix, self._node)
+        heartbeat = routing.heartbeat_channel(self._wiring.prefix, self._wiring.node)
         async with (
             self._client(address) as node_client,
             node_client.pubsub(
-                channels=[self._channel, heartbeat],
+                channels=[self._wiring.channel, heartbeat],
                 ignore_subscribe_messages=True,
                 retry_policy=None,
-                subscription_timeout=self._timeout,
+                subscription_timeout=self._wiring.timeout,
             ) as pubsub,
         ):
             yield PubSubLink(pubsub, node_client, heartbeat)
@@ -277,10 +254,10 @@ class ClusterLinks:
     def _client(self, address: str) -> coredis.Redis[str]:
         """A client of one node (its own pool), bounded in connecting and reading."""
         return coredis.Redis[str].from_url(
-            _node_url(self.url, address),
+            _node_url(self._wiring.url, address),
             decode_responses=True,
-            connect_timeout=self._timeout,
-            stream_timeout=self._timeout,
+            connect_timeout=self._wiring.timeout,
+            stream_timeout=self._wiring.timeout,
             retry_policy=NoRetryPolicy(),
         )
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
 
 import anyio
 import coredis
@@ -19,47 +18,23 @@ from anyio.abc import TaskStatus
 from . import routing
 from .following import Following
 from .links import Client, Link, PubSubLink
-from .subscription import Health, Subscription
+from .subscription import Health, Subscription, Wiring
 
 
 class SingleLink:
     """This node's subscription on a single Redis.
 
-    :param url: the Redis URL.
     :param lost: called when the subscription was lost: every stream must close (1012).
-    :param options: ``Subscription``'s heartbeat and backoff parameters.
     """
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        health: Health,
-        prefix: str,
-        node: str,
-        channel: str,
-        timeout: float,
-        delay: float,
-        count: Callable[[str], int],
-        on_message: Callable[[str, str], Awaitable[None]],
-        lost: Callable[[], Awaitable[None]],
-        subscribed: Callable[[], None],
-        **options: Any,
-    ) -> None:
-        self.url = url
-        self.health = health
-        self.following = Following(prefix, delay, count)
-        self.subscription = Subscription(
-            self.health,
-            following=self.following,
-            on_message=on_message,
-            lost=lost,
-            subscribed=subscribed,
-            **options,
+    def __init__(self, wiring: Wiring, lost: Callable[[], Awaitable[None]]) -> None:
+        self.health = wiring.health
+        self.following = Following(wiring.prefix, wiring.delay, wiring.count)
+        self.subscription = wiring.subscription(
+            self.health, self.following, wiring.on_message, lost, wiring.subscribed
         )
-        self._channel = channel
-        self._heartbeat = routing.heartbeat_channel(prefix, node)
-        self._timeout = timeout
+        self._wiring = wiring
+        self._heartbeat = routing.heartbeat_channel(wiring.prefix, wiring.node)
 
     def route(self, user_id: str) -> tuple[Following, Health]:
         """Where the user's channel is subscribed: its ``Following`` and its link's health."""
@@ -87,13 +62,13 @@ class SingleLink:
 
     @asynccontextmanager
     async def _open(self, subscriber: coredis.Redis[str], client: Client) -> AsyncIterator[Link]:
-        channels = [self._channel]
+        channels = [self._wiring.channel]
         if self.subscription.heartbeat_interval is not None:
             channels.append(self._heartbeat)
         async with subscriber.pubsub(
             channels=channels,
             ignore_subscribe_messages=True,
             retry_policy=None,
-            subscription_timeout=self._timeout,
+            subscription_timeout=self._wiring.timeout,
         ) as pubsub:
             yield PubSubLink(pubsub, client, self._heartbeat)

@@ -86,6 +86,51 @@ def closing_quietly() -> Iterator[None]:
             raise cancelled from None
 
 
+@dataclass(frozen=True)
+class Wiring:
+    """What every subscription of a node shares (``single``, ``cluster``)."""
+
+    url: str
+    health: Health
+    """The node-wide health: of the one subscription, or of the one to every node's channel."""
+    prefix: str
+    node: str
+    channel: str
+    """The channel of every node."""
+    timeout: float
+    """Seconds Redis may take to connect, answer, or confirm a subscription."""
+    delay: float
+    """``unsubscribe_delay``."""
+    count: Callable[[str], int]
+    """This node's count of a user's streams now."""
+    on_message: Callable[..., Awaitable[None]]
+    """``Inbox.handle``."""
+    subscribed: Callable[[], None]
+    max_backoff: float
+    heartbeat_interval: float | None
+    heartbeat_timeout: float
+
+    def subscription(
+        self,
+        health: Health,
+        following: Following | None,
+        on_message: Callable[[str, str], Awaitable[None]],
+        lost: Callable[[], Awaitable[None]],
+        subscribed: Callable[[], None] = lambda: None,
+    ) -> Subscription:
+        """A subscription with this node's backoff and heartbeats."""
+        return Subscription(
+            health,
+            following=following,
+            max_backoff=self.max_backoff,
+            heartbeat_interval=self.heartbeat_interval,
+            heartbeat_timeout=self.heartbeat_timeout,
+            on_message=on_message,
+            lost=lost,
+            subscribed=subscribed,
+        )
+
+
 class Subscription:
     """Consumes a link (its channels, its heartbeats and the followed users' channels) until
     cancelled, opening it again after every loss.
