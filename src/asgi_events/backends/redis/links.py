@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any, Protocol
 
 import anyio
@@ -124,22 +124,27 @@ class ShardLink:
     async def pump(self) -> None:
         """Read the connection until it ends (raising): confirmations set their waiters,
         messages go to ``messages``."""
-        async for message in self._connection.push_messages:
-            kind, channel = str(message[0]), str(message[1])
-            if kind == "smessage":
-                self._send.send_nowait((channel, str(message[2])))
-            elif kind == "ssubscribe":
-                waiter = self._waiting.pop(channel, None)
-                if waiter is not None:
-                    waiter.set()
-            elif kind == "sunsubscribe":
-                left = self._leaving.pop(channel, 0) - 1
-                if left < 0:
-                    # Redis unsubscribes a shard channel by itself when its slot moves to
-                    # another node (a failover, a resharding): messages would be missed.
-                    raise coredis.exceptions.ConnectionError(f"Redis unsubscribed {channel}")
-                if left:
-                    self._leaving[channel] = left
+        async with aclosing(self._connection.push_messages) as messages:
+            async for message in messages:
+                self._take(message)
+
+    def _take(self, message: list[Any]) -> None:
+        """One message pushed by the server."""
+        kind, channel = str(message[0]), str(message[1])
+        if kind == "smessage":
+            self._send.send_nowait((channel, str(message[2])))
+        elif kind == "ssubscribe":
+            waiter = self._waiting.pop(channel, None)
+            if waiter is not None:
+                waiter.set()
+        elif kind == "sunsubscribe":
+            left = self._leaving.pop(channel, 0) - 1
+            if left < 0:
+                # Redis unsubscribes a shard channel by itself when its slot moves to
+                # another node (a failover, a resharding): messages would be missed.
+                raise coredis.exceptions.ConnectionError(f"Redis unsubscribed {channel}")
+            if left:
+                self._leaving[channel] = left
 
     async def beat(self, token: str) -> None:
         await self._client.spublish(self.heartbeat_channel, token)
