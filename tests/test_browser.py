@@ -282,13 +282,24 @@ async def test_the_demo_marks_an_incomplete_replay(serve: ServeFn, browser: str)
 
 # A bare page for the client itself: its options from the query, what it reports kept in
 # window.seen (payload, replayed), window.events (each event as given), window.readies and
-# window.statuses ([status, code]).
+# window.statuses ([status, code]); and, from a wrapper around the page's WebSocket, the
+# subprotocols each socket offered (window.offered) and every frame received, as it came
+# (window.frames_: the text of each frame, on any socket, in order).
 CLIENT_PAGE = b"""<!doctype html><script type="module">
 import { connect } from "/ws/client.js";
 const q = new URLSearchParams(location.search);
 Object.assign(window, { seen: [], events: [], readies: [], statuses: [] });
+Object.assign(window, { offered: [], frames_: [] });
+window.WebSocket = class extends WebSocket {
+  constructor(url, protocols) {
+    super(url, protocols);
+    offered.push(protocols);
+    this.addEventListener("message", (message) => frames_.push(message.data));
+  }
+};
 window.client = connect({
   token: q.get("token"), tokenIn: q.get("in") || undefined, ping: Number(q.get("ping") || 0),
+  batch: q.get("batch") === "0" ? false : undefined, lastEventTs: q.get("since") || undefined,
   backoff: { initial: 100, max: 400 },
   refreshToken: q.get("fresh") ? async () => q.get("fresh") : undefined,
   onEvent: (event, { replayed }) => { seen.push([event.payload, replayed]); events.push(event); },
@@ -390,3 +401,132 @@ async def test_latest_values_reach_the_page_and_leave_the_dedupe_alone(
         replayed = [flag for _, flag in await tab.js("seen")]
         assert replayed == [True, True, False, False, True, True, False]
         assert await tab.js("client.position") == second
+
+
+BATCH = "asgi-events.v1.batch"
+V1 = "asgi-events.v1"
+READY = "asgi_events.ready"
+
+
+def unpack(frames: list[str]) -> list[list[Any] | str]:
+    """The page's frames: "pong" as it is, every other one parsed (a batch is a list)."""
+    return [frame if frame == "pong" else json.loads(frame) for frame in frames]
+
+
+def messages(frames: list[list[Any] | str]) -> list[Any]:
+    """Every message of ``frames`` in order, with a batch's unpacked; "pong" left out."""
+    out: list[Any] = []
+    for frame in frames:
+        if frame != "pong":
+            out += frame if isinstance(frame, list) else [frame]
+    return out
+
+
+async def until_pong_after(tab: Tab, count: int) -> None:
+    """Until the page got a "pong" after its first ``count`` frames (its pings are timed)."""
+    await tab.wait_for(f"frames_.slice({count}).includes('pong')", f"a pong after frame {count}")
+
+
+async def test_the_client_unpacks_batches_in_order_with_ready_and_pong(
+    serve: ServeFn, browser: str
+) -> None:
+    connections: list[ConnectionInfo] = []
+    hub = EventHub(users, on_connect=connections.append)
+    server = await serve(EventsMiddleware(client_page, hub=hub), hub=hub)
+    for n in range(20):  # replayed on connect (lastEventTs), with the ready message
+        await hub.broadcast("alice", {"type": "B", "payload": n})
+    url = f"{server.url}/?token=tok-alice&ping=100&since=2000-01-01T00:00:00Z"
+    async with open_tab(browser, url) as tab:
+        await tab.wait_for("readies.length === 1", "the first ready message")
+        assert [info.subprotocol for info in connections] == [BATCH]  # picked by the server
+        assert await tab.js("client.protocol") == BATCH
+        assert await tab.js("offered") == [[BATCH, V1, "asgi-events.token.tok-alice"]]
+        # (a) The replay and the ready message came in one frame: the ready inside a batch.
+        first = unpack(await tab.js("frames_"))[0]
+        assert isinstance(first, list)
+        assert [m["type"] for m in first] == ["B"] * 20 + [READY]
+
+        # (b) A live burst: broadcast with the memory backend never yields, so all 100 are
+        # queued before the socket's sender runs, and go out together.
+        before = len(await tab.js("frames_"))
+        for n in range(20, 120):
+            await hub.broadcast("alice", {"type": "B", "payload": n})
+        await tab.wait_for("seen.length === 120", "the burst")
+        burst = [f for f in unpack((await tab.js("frames_"))[before:]) if f != "pong"]
+        assert all(isinstance(f, list) for f in burst)
+        assert max(len(f) for f in burst) > 1 and len(burst) < 100
+        # (d) Pong on the batch socket: a plain frame of its own, between batches.
+        await until_pong_after(tab, len(await tab.js("frames_")))
+        for n in range(120, 140):
+            await hub.broadcast("alice", {"type": "B", "payload": n})
+        await tab.wait_for("seen.length === 140", "the second burst")
+
+        # (c) A resume by id with nothing missed: the ready message alone in its frame.
+        before = len(await tab.js("frames_"))
+        await hub.streams.lost()  # 1012: the page reconnects, resuming from its position
+        await tab.wait_for("readies.length === 2", "the second ready message")
+        [alone] = [f for f in unpack((await tab.js("frames_"))[before:]) if f != "pong"]
+        assert isinstance(alone, list) and [m["type"] for m in alone] == [READY]
+        # A resume with missed events: the replay and the ready message, one batch again.
+        await tab.js("client.pause()")
+        with anyio.fail_after(TIMEOUT):
+            while hub.stats()["total_connections"]:  # noqa: ASYNC110 - the server's state
+                await anyio.sleep(0.02)
+        for n in range(140, 150):
+            await hub.broadcast("alice", {"type": "B", "payload": n})
+        before = len(await tab.js("frames_"))
+        await tab.js("client.resume()")
+        await tab.wait_for("readies.length === 3", "the third ready message")
+        [resumed] = [f for f in unpack((await tab.js("frames_"))[before:]) if f != "pong"]
+        assert isinstance(resumed, list)
+        assert [m["payload"] for m in resumed[:-1]] == list(range(140, 150))
+        assert resumed[-1]["type"] == READY and resumed[-1]["payload"]["replayed"] == 10
+        await until_pong_after(tab, len(await tab.js("frames_")))
+
+        # Every event once, in order, as the frames carried them; replayed ones flagged.
+        seen = await tab.js("seen")
+        assert [payload for payload, _ in seen] == list(range(150))
+        flags = [replayed for _, replayed in seen]
+        assert flags == [True] * 20 + [False] * 120 + [True] * 10
+        frames = unpack(await tab.js("frames_"))
+        assert all(f == "pong" or isinstance(f, list) for f in frames)  # nothing else
+        sent = [m["payload"] for m in messages(frames) if m["type"] == "B"]
+        assert sent == list(range(150))
+        assert [r["recovered"] for r in await tab.js("readies")] == [True, True, True]
+        assert [info.subprotocol for info in connections] == [BATCH] * 3
+        # The pings kept the sockets healthy: the only closes were the two above.
+        statuses = await tab.js("statuses")
+        assert [s for s in statuses if s[0] == "closed"] == [["closed", 1012]]
+
+
+@pytest.mark.parametrize("how", ["option", "old-server"])
+async def test_the_client_falls_back_to_one_message_a_frame(
+    serve: ServeFn, browser: str, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asgi_events import auth
+
+    if how == "old-server":  # a server from before batching: it knows only asgi-events.v1
+        monkeypatch.setattr(auth, "SUBPROTOCOLS", (V1,))
+    connections: list[ConnectionInfo] = []
+    hub = EventHub(users, on_connect=connections.append)
+    server = await serve(EventsMiddleware(client_page, hub=hub), hub=hub)
+    for n in range(5):
+        await hub.broadcast("alice", {"type": "B", "payload": n})
+    option = "&batch=0" if how == "option" else ""
+    url = f"{server.url}/?token=tok-alice&ping=100&since=2000-01-01T00:00:00Z{option}"
+    async with open_tab(browser, url) as tab:
+        await tab.wait_for("readies.length === 1", "the ready message")
+        offered = [V1] if how == "option" else [BATCH, V1]
+        assert await tab.js("offered") == [[*offered, "asgi-events.token.tok-alice"]]
+        assert [info.subprotocol for info in connections] == [V1]
+        assert await tab.js("client.protocol") == V1
+        for n in range(5, 55):  # a burst: still one message a frame
+            await hub.broadcast("alice", {"type": "B", "payload": n})
+        await tab.wait_for("seen.length === 55", "the burst")
+        await until_pong_after(tab, len(await tab.js("frames_")))
+        assert [payload for payload, _ in await tab.js("seen")] == list(range(55))
+        frames = unpack(await tab.js("frames_"))
+        assert all(f == "pong" or isinstance(f, dict) for f in frames)  # never an array
+        types = [m["type"] for m in messages(frames)]
+        assert types == ["B"] * 5 + [READY] + ["B"] * 50
+        assert "closed" not in [status for status, _ in await tab.js("statuses")]

@@ -82,3 +82,18 @@ def test_a_resume_point_by_time_is_an_aware_datetime() -> None:
     point = ResumePoint.parse(None, "2020-01-01T00:00:00")
     assert point is not None and point.since is not None
     assert point.since.utcoffset() is not None
+
+
+def test_the_js_client_offers_the_table_s_subprotocols_batch_first() -> None:
+    source = JS_CLIENT.read_text()
+    constants = dict(re.findall(r'^const (V1|BATCH|TOKEN_PREFIX) = "([^"]*)";', source, re.M))
+    assert constants == {
+        "V1": protocol.SUBPROTOCOL,
+        "BATCH": protocol.BATCH_SUBPROTOCOL,
+        "TOKEN_PREFIX": protocol.TOKEN_PROTOCOL_PREFIX,
+    }
+    # In the server's order of preference, and plain v1 alone with `batch: false`.
+    assert protocol.SUBPROTOCOLS == (protocol.BATCH_SUBPROTOCOL, protocol.SUBPROTOCOL)
+    offer = re.search(r"const protocols = this\.options\.batch === false \? (.*);", source)
+    assert offer is not None, "the JS client's offer is not where this test looks"
+    assert offer.group(1) == "[V1] : [BATCH, V1]"

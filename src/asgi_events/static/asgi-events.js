@@ -36,10 +36,19 @@
  *                   reconnect with; null/undefined (or no hook) stops the client
  *   ping         WebSocket only: ms between "ping" keepalives (0: none, the default); with it,
  *                a socket that hears nothing for two intervals is dropped and reconnected
+ *   batch        WebSocket only: offer "asgi-events.v1.batch" first (default true), so that a
+ *                burst arrives as a few frames, each a JSON array of messages; false offers
+ *                only "asgi-events.v1" (one message a frame). Either way the callbacks see the
+ *                same messages in the same order
  *   backoff      {initial: 500, max: 30000}: ms, exponential with full jitter, reset on ready
  *
  * Transports (`client.transport` is the one in use, "websocket" or "sse"):
- *   websocket  one WebSocket; always offers "asgi-events.v1" (control messages).
+ *   websocket  one WebSocket. It offers "asgi-events.v1.batch", then "asgi-events.v1" (both
+ *              with control messages; `batch: false` offers only the second), and then the
+ *              token subprotocol if the token goes there. The server picks the batch one when
+ *              it knows it; `client.protocol` is the one it picked. On a batch socket a frame
+ *              that is a JSON array is a list of messages, handled one by one in order (any
+ *              other frame, such as the plain text "pong", is one message, as on v1).
  *   sse        Server-Sent Events: the browser's EventSource on the same URL, as http(s)://.
  *              EventSource cannot send headers, so the token goes in the query (?token=),
  *              whatever tokenIn says, and URLs end up in proxy and server access logs. Where
@@ -72,6 +81,8 @@
  */
 
 const V1 = "asgi-events.v1";
+const BATCH = "asgi-events.v1.batch"; // frames are JSON arrays of messages
+const TOKEN_PREFIX = "asgi-events.token."; // a token offered as a subprotocol, never echoed
 const READY = "asgi_events.ready"; // (an SSE event name, and the type of its data)
 const CLOSE = "asgi_events.close"; // SSE: why the server ends a stream, {code, reason}
 const TRANSPORTS = ["websocket", "sse", "auto"];
@@ -83,7 +94,9 @@ const SEEN = 1024; // delivered ids remembered, to never deliver one twice
 
 export class EventsClient {
   constructor(options = {}) {
-    this.options = { tokenIn: "subprotocol", ping: 0, transport: "websocket", ...options };
+    this.options = {
+      tokenIn: "subprotocol", ping: 0, transport: "websocket", batch: true, ...options,
+    };
     if (!TRANSPORTS.includes(this.options.transport)) {
       throw new TypeError(`transport must be one of ${TRANSPORTS.join(", ")}`);
     }
@@ -94,6 +107,7 @@ export class EventsClient {
     this.transport = this.options.transport === "sse" ? "sse" : "websocket"; // the next one
     this.ws = null;
     this.es = null;
+    this.protocol = null; // the subprotocol the socket opened with ("": none; null: SSE)
     this.opened = false; // whether the current connection opened
     this.firstOpened = null; // the transport of the first connection that opened ("auto")
     this.wanted = false;
@@ -129,11 +143,11 @@ export class EventsClient {
     this.replaying = true;
     if (this.transport === "sse") return this._openEvents();
     const url = new URL(this.url);
-    const protocols = [V1];
+    const protocols = this.options.batch === false ? [V1] : [BATCH, V1];
     if (this.token != null && this.options.tokenIn === "query") {
       url.searchParams.set("token", this.token);
     } else if (this.token != null) {
-      protocols.push(`asgi-events.token.${this.token}`);
+      protocols.push(`${TOKEN_PREFIX}${this.token}`);
     }
     this._resumeFrom(url);
     this._status("connecting", { attempt: this.attempt, transport: "websocket" });
@@ -146,7 +160,7 @@ export class EventsClient {
     this.ws = ws;
     this.heard = Date.now();
     ws.onopen = () => ws === this.ws && this._opened(ws);
-    ws.onmessage = (message) => ws === this.ws && this._message(message.data);
+    ws.onmessage = (message) => ws === this.ws && this._frame(ws, message.data);
     ws.onclose = (event) => ws === this.ws && this._socketClosed(event.code, event.reason);
   }
 
@@ -180,7 +194,8 @@ export class EventsClient {
   _opened(ws) {
     this.opened = true;
     this.firstOpened ??= this.transport;
-    this._status("open", { transport: this.transport });
+    this.protocol = ws ? ws.protocol : null;
+    this._status("open", { transport: this.transport, protocol: this.protocol });
     if (ws && this.options.ping > 0) {
       this.pinger = setInterval(() => {
         if (Date.now() - this.heard > 2 * this.options.ping) this._closed(1006, "No pong");
@@ -189,6 +204,25 @@ export class EventsClient {
     }
   }
 
+  /** One WebSocket frame: on a batch socket a JSON array is several messages, in order. */
+  _frame(ws, data) {
+    if (ws.protocol !== BATCH) return this._message(data);
+    this.heard = Date.now();
+    if (data === "pong") return;
+    let parsed;
+    try {
+      parsed = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (!Array.isArray(parsed)) return this._handle(parsed);
+    for (const event of parsed) {
+      if (ws !== this.ws) return; // a callback paused or closed the client: drop the rest
+      this._handle(event);
+    }
+  }
+
+  /** One frame of one message (an SSE message, or a WebSocket frame off the batch protocol). */
   _message(data) {
     this.heard = Date.now();
     if (data === "pong") return;
@@ -198,7 +232,12 @@ export class EventsClient {
     } catch {
       return;
     }
-    if (event?.type === READY) {
+    this._handle(event);
+  }
+
+  _handle(event) {
+    if (event === null || typeof event !== "object" || Array.isArray(event)) return; // not one
+    if (event.type === READY) {
       const ready = event.payload;
       this.replaying = false;
       this.attempt = 0;
@@ -207,7 +246,7 @@ export class EventsClient {
       if (!ready.recovered) this.options.onGap?.(ready);
       return;
     }
-    if (event?.id != null) {
+    if (event.id != null) {
       if (this.seen.has(event.id)) return;
       this.seen.add(event.id);
       if (this.seen.size > SEEN) this.seen.delete(this.seen.values().next().value);
