@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .cclient import LOAD_CLIENTS, choose_load_client, load_client_description
 from .chart import draw_chart, results_path
 from .common import (
     BATCH_VARIANT,
@@ -96,6 +97,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=LOAD_LOOPS,
         default=default_load_loop(),
         help="the load process's event loop (default: uvloop where installed)",
+    )
+    parser.add_argument(
+        "--load-client",
+        choices=LOAD_CLIENTS,
+        default="c",
+        help="burst and steady WebSocket runs: the C client (built on first use; default) or "
+        "the Python one on --load-loop",
     )
     parser.add_argument(
         "--quiet-wait",
@@ -215,7 +223,8 @@ def report_header(args: argparse.Namespace, pinned: str, nofile: int, digest: st
         "",
         f"`{command}` — {started}, Python {sys.version.split()[0]}, asgi-events src {digest}, "
         f"{server_description(args.server, args.uvicorn_ws)}, server on CPU {SERVER_CPU}, "
-        f"load on {pinned} ({load_loop_description(args.load_loop)}), "
+        f"load on {pinned} ({load_loop_description(args.load_loop)}; "
+        f"{load_client_description(args)}), "
         f"RLIMIT_NOFILE {nofile}{redis_note}"
         + (", **server under cProfile**" if args.profile else "")
         + ".",
@@ -383,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped = [v for v in args.variants if v not in variants]
     pinned = pin_to_cpu(LOAD_CPU)
     nofile = raise_nofile(args.sockets + 256)
+    choose_load_client(args)
     RESULTS_DIR.mkdir(exist_ok=True)
     digest = source_digest()
     header = report_header(args, pinned, nofile, digest)

@@ -80,7 +80,14 @@ class Tally:
         self.seq_texts = tuple(b"%d" % seq for seq in range(self.events))
 
     def mark_first(self) -> None:
-        self.first_perf, self.first_cpu = time.perf_counter(), load_cpu_seconds()
+        self.first_perf, self.first_cpu = time.perf_counter(), self.cpu_seconds()
+
+    def cpu_seconds(self) -> float:
+        """The load CPU so far (the C client's tally adds its process)."""
+        return load_cpu_seconds()
+
+    async def finish(self) -> None:
+        """After the measured window: nothing to collect (the C client's tally reads its)."""
 
     def settle(self) -> None:
         """Compute the latencies deferred by batch frames and SSE chunks (after the measured
@@ -538,7 +545,8 @@ def client_class(variant: str) -> Callable[[int, str, Tally, bool], BaseClient]:
 
 
 def load_client(variant: str, loop: str) -> str:
-    """The load client a variant's runs use, and the load process's loop: e.g. ``sse/uvloop``."""
+    """The load client a variant's runs use, and the load process's loop (or ``c``, the C
+    client): e.g. ``sse/uvloop``, ``ws/c``."""
     kinds = {SSE_VARIANT: "sse", SOCKETIO_VARIANT: "socketio", BATCH_VARIANT: "ws-batch"}
     return f"{kinds.get(variant, 'ws')}/{loop}"
 

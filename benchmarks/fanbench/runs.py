@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cclient import CLoad, CSocket, uses_c
 from .clients import BaseClient, Tally, connect_all, load_client, stalled_indices
 from .common import (
     BATCH_VARIANT,
@@ -123,8 +124,9 @@ class Fleet:
 
     nodes: list[ServerProcess]
     redis: RedisService | None
-    clients: list[BaseClient] = field(default_factory=list)
+    clients: list[BaseClient | CSocket] = field(default_factory=list)
     stalled: list[BaseClient] = field(default_factory=list)
+    load: CLoad | None = None  # the C load client's process, if it is the run's client
 
     @property
     def ports(self) -> list[int]:
@@ -134,7 +136,7 @@ class Fleet:
         redis = self.redis.redis_cpu() if self.redis else RedisCpu()
         return sum(n.cpu_seconds() for n in self.nodes), redis
 
-    def close_clients(self, clients: list[BaseClient]) -> None:
+    def close_clients(self, clients: list[BaseClient | CSocket] | list[BaseClient]) -> None:
         for client in clients:
             client.close()
 
@@ -176,6 +178,8 @@ async def fleet(
         if started is not None:
             started.close_clients(started.clients + started.stalled)
         await asyncio.sleep(0.1)  # let the close frames go out
+        if started is not None and started.load is not None:
+            await started.load.wait_closed()
         await asyncio.gather(*(node.stop() for node in nodes), return_exceptions=True)
         for k, node in enumerate(nodes, 1):
             problems = node.log_problems()
@@ -222,7 +226,11 @@ async def run_delivery(
     stalled = stalled_indices(args.sockets, STALL_FRACTION) if stall else frozenset()
     async with fleet(server, variant, run, args, profiles) as f:
         tally = Tally(args.sockets - len(stalled), events, asyncio.Event())
-        f.clients, f.stalled = await connect_all(f.ports, tally, variant, stalled=stalled)
+        if uses_c(args, variant, stall):
+            f.load = tally = CLoad(args.sockets, events, asyncio.Event())
+            f.clients = list(await f.load.start(f.ports, variant))
+        else:
+            f.clients, f.stalled = await connect_all(f.ports, tally, variant, stalled=stalled)
         count = len(f.nodes)
         shares = [len(range(k, args.sockets, count)) for k in range(count)]  # sockets per node
         # The nodes that only receive: wait for their sockets, collect garbage, start measuring.
@@ -235,7 +243,7 @@ async def run_delivery(
         if rate is not None:
             request["rate"] = rate
         result = await measure(f, variant, run, request, tally, wait, stall)
-        result.client = load_client(variant, args.load_loop)
+        result.client = load_client(variant, "c" if f.load else args.load_loop)
         return result
 
 
@@ -249,7 +257,7 @@ async def measure(
     stall: bool,
 ) -> RunResult:
     """``POST /publish`` to node 1, wait (bounded) for every healthy delivery, collect figures."""
-    cpu_before, server_before = load_cpu_seconds(), f.server_cpu_seconds()
+    cpu_before, server_before = tally.cpu_seconds(), f.server_cpu_seconds()
     machine_before = machine_busy_seconds()
     wall_before = time.perf_counter()
     sent_ns = time.time_ns()
@@ -263,11 +271,12 @@ async def measure(
     except asyncio.TimeoutError:
         timed_out = True
     end_ns = time.time_ns()
-    delivered = tally.received  # not what arrives later (a blocked server resumes below)
     wall_after = time.perf_counter()
     wall = wall_after - wall_before
-    cpu_after, server_after = load_cpu_seconds(), f.server_cpu_seconds()
+    cpu_after, server_after = tally.cpu_seconds(), f.server_cpu_seconds()
     machine_after = machine_busy_seconds()
+    await tally.finish()  # the C client's counts and latencies (no await for the Python ones)
+    delivered = tally.received  # not what arrives later (a blocked server resumes below)
     # A server blocked on a stalled socket (the raw loop) goes on once those clients go.
     f.close_clients(f.stalled)
     notes: list[str] = []
