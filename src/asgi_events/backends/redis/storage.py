@@ -163,12 +163,15 @@ class Storage:
             await self._client.publish(self.user_channel(user_id), message)
 
     async def publish_to_shards(self, channels: list[str], text: str) -> None:
-        """Publish an event for every stream on a cluster: on each shard's channel of it."""
+        """Publish an event for every stream on a cluster: on each shard's channel of it, in
+        one pipeline (sent to the shards together; if one fails, the others' copies may have
+        been published)."""
         if self._client is None:
             raise _not_running()
         message = routing.unbuffered(None, text)
-        for channel in channels:
-            await self._client.spublish(channel, message)
+        async with self._client.pipeline(transaction=False) as pipe:
+            for channel in channels:
+                pipe.spublish(channel, message)
 
     async def disconnect(self, user_id: str, code: int, reason: str) -> None:
         """Publish a disconnect on the user's channel and the channel of every node, in one
