@@ -28,6 +28,7 @@ streams are refused until the node restarts.
 from __future__ import annotations
 
 import logging
+from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ class ClusterLinks:
         self.subscription = wiring.subscription(
             self.health, None, wiring.on_message, self._everyone_lost, wiring.subscribed
         )
-        self._slots = bytearray(routing.SLOTS)  # slot -> index of its shard in ``shards``
+        self._slots = array("H", [0]) * routing.SLOTS  # slot -> index of its shard in ``shards``
         self._attempts = 0  # connections tried for every node's channel (to rotate nodes)
         self.address = ""
         """The node the subscription to every node's channel is (or was last) made to."""
@@ -152,7 +153,7 @@ class ClusterLinks:
         """Make one shard per primary of ``layout``."""
         for index, ranges in enumerate(placement.ranges for placement in layout):
             for start, end in ranges:
-                self._slots[start : end + 1] = bytes([index]) * (end - start + 1)
+                self._slots[start : end + 1] = array("H", [index]) * (end - start + 1)
             wiring = self._wiring
             following = Following(wiring.prefix, wiring.delay, wiring.count)
             serves = partial(_within, ranges=ranges)
