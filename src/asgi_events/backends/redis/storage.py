@@ -31,6 +31,8 @@ import secrets
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from ... import codec
 from ...latest import LATEST_PER_USER
 from ...protocol import GapReason, ResumePoint, make_id
@@ -163,15 +165,26 @@ class Storage:
             await self._client.publish(self.user_channel(user_id), message)
 
     async def publish_to_shards(self, channels: list[str], text: str) -> None:
-        """Publish an event for every stream on a cluster: on each shard's channel of it, in
-        one pipeline (sent to the shards together; if one fails, the others' copies may have
-        been published)."""
-        if self._client is None:
+        """Publish an event for every stream on a cluster: on each shard's channel of it, all
+        at once (each shard's copy is published even if another's fails; then that failure
+        is raised)."""
+        client = self._client
+        if client is None:
             raise _not_running()
         message = routing.unbuffered(None, text)
-        async with self._client.pipeline(transaction=False) as pipe:
+        failures: list[Exception] = []
+
+        async def publish(channel: str) -> None:
+            try:
+                await client.spublish(channel, message)
+            except Exception as exc:  # (raised below, after the others)
+                failures.append(exc)
+
+        async with anyio.create_task_group() as tg:
             for channel in channels:
-                pipe.spublish(channel, message)
+                tg.start_soon(publish, channel)
+        if failures:
+            raise failures[0]
 
     async def disconnect(self, user_id: str, code: int, reason: str) -> None:
         """Publish a disconnect on the user's channel and the channel of every node, in one
