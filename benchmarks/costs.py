@@ -71,13 +71,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from micro import FakeSocket, verify_token  # (this script's folder, as micro.py's)
 
 from asgi_events import codec
 from asgi_events.backends.redis import RedisBackend, routing
 from asgi_events.hub import EventHub
 from asgi_events.stream import State
 from asgi_events.transports.websocket import WIRE
-from asgi_events.types import Message, Principal
+from asgi_events.types import Principal
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -255,20 +256,6 @@ class Raw:
 
 
 # -- the receiver node (a child process) ------------------------------------------------------
-
-
-class FakeSocket:
-    """A ``send`` that takes every message at once; counts them."""
-
-    def __init__(self) -> None:
-        self.received = 0
-
-    async def send(self, message: Message) -> None:
-        self.received += 1
-
-
-async def verify_token(token: str) -> str:
-    return token
 
 
 def rss_kb() -> int:

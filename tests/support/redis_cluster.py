@@ -388,7 +388,7 @@ def main() -> None:
             print(f"  master {node.port} ({ranges}), replicas {list(node.replicas)}")
         print("Ctrl-C to stop", flush=True)
         while not stop:
-            time.sleep(0.2)
+            signal.pause()  # (until a signal: SIGINT or SIGTERM sets ``stop``)
 
 
 if __name__ == "__main__":
