@@ -6,6 +6,10 @@
 #   bash benchmarks/compare.sh BASE NEW ROUNDS -- FANOUT_ARGS...
 #   bash benchmarks/compare.sh f5ef40a HEAD 3 -- --server uvicorn --variants raw asgi-events
 #
+# COMPARE_NAME names the log folder instead of <base>-<new>.
+# HARNESS=new runs NEW's fanout.py on both packages (the same command and load client on both,
+# for a base whose benchmark has changed since); by default each commit runs its own.
+#
 # Logs go to benchmarks/compare/<base>-<new>/ (git-ignored); summarize them with
 # `.venv/bin/python benchmarks/compare_summary.py benchmarks/compare/<base>-<new>`.
 set -euo pipefail
@@ -13,7 +17,7 @@ cd "$(dirname "$0")/.."
 base=$(git rev-parse --short "$1") new=$(git rev-parse --short "$2") rounds=$3
 shift 3
 [ "${1:-}" = "--" ] && shift
-out="benchmarks/compare/$base-$new"
+out="benchmarks/compare/${COMPARE_NAME:-$base-$new}"
 mkdir -p "$out"
 trees=$(mktemp -d)
 trap 'git worktree remove --force "$trees/base" 2>/dev/null; git worktree remove --force "$trees/new" 2>/dev/null; rm -rf "$trees"' EXIT
@@ -23,7 +27,7 @@ run() {  # which
   local log
   log="$out/$1-$(date +%s%N).txt"
   echo "$(date +%T) $1 ($(eval echo "\$$1")): $*" >&2
-  PYTHONPATH="$trees/$1/src" .venv/bin/python "$trees/$1/benchmarks/fanout.py" "${args[@]}" >"$log" 2>&1
+  PYTHONPATH="$trees/$1/src" .venv/bin/python "$trees/${HARNESS:-$1}/benchmarks/fanout.py" "${args[@]}" >"$log" 2>&1
 }
 args=("$@")
 for round in $(seq 1 "$rounds"); do
