@@ -4,5 +4,6 @@ Modules: ``common`` (constants, process and machine helpers), ``apps`` (the serv
 ``serve`` (the server process), ``procs`` (server and redis-server processes, seen from the
 load side), ``clients`` (the load process's WebSocket clients), ``runs`` (one run of each
 mode), ``report`` (Markdown and saved results), ``chart`` (the PNG) and ``cli`` (options and
-the interleaving of runs).
+the interleaving of runs); ``scale`` and ``scale_report`` are ``benchmarks/scale.py``'s (the
+burst at several N, and its Markdown, JSON and chart).
 """

@@ -75,6 +75,7 @@ class RunResult:
     client: str = ""  # the load client and the load process's loop, e.g. "sse/uvloop"
     redis_cpu_parts: list[float] = field(default_factory=list)  # a cluster: per master
     redis_replicas_cpu: float | None = None  # a cluster: its replicas' main threads, summed
+    wall_s: float = float("nan")  # what the CPU shares are over: POST /publish to last delivery
 
     @property
     def load_bound(self) -> bool:
@@ -345,6 +346,7 @@ async def measure(
         lag_p99_ms=float(answer.get("lag_p99_ms", float("nan"))),
         lag_max_ms=float(answer.get("lag_max_ms", float("nan"))),
         notes=notes,
+        wall_s=wall,
     )
     if f.redis is not None and f.redis.cluster:
         result.redis_cpu_parts = [part / wall for part in redis.parts]
