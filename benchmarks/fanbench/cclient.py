@@ -6,9 +6,10 @@ stdout (``extensions``, ``open``, ``first``, ``done``) and reads its results bac
 measured window (counts, bytes on the wire, each socket's received count and closed flag, and
 every new event's latency).
 
-The C client can offer permessage-deflate as Chromium does and inflate what the server
-compresses (``start(..., deflate=True)``): it is linked with zlib (``-lz``); where that build
-fails it is built without (``-DFANLOAD_NO_ZLIB``) and refuses to.
+``--deflate``: the C client offers permessage-deflate as Chromium does and inflates what the
+server compresses (it is linked with zlib, ``-lz``; where that build fails it is built without,
+``-DFANLOAD_NO_ZLIB``, and ``--deflate`` then stops the benchmark instead of measuring
+uncompressed frames).
 """
 
 from __future__ import annotations
@@ -104,7 +105,9 @@ def choose_load_client(args: argparse.Namespace) -> None:
         return
     if not any(c_variant(v) for v in args.variants):
         return
-    binary, how, _ = build()
+    binary, how, deflate = build()
+    if args.deflate and not deflate:  # never measure uncompressed frames as compressed ones
+        sys.exit(f"--deflate needs the C load client built with zlib: {how}")
     if binary is None:
         args.load_client = "uvloop"
         args.load_client_note = (
@@ -115,6 +118,18 @@ def choose_load_client(args: argparse.Namespace) -> None:
         print(f"{bar}\n{args.load_client_note}\n{bar}", file=sys.stderr, flush=True)
     else:
         print(f"C load client: {how}", flush=True)
+
+
+def deflate_error(args: argparse.Namespace) -> str | None:
+    """Why ``--deflate`` cannot apply to this invocation, or None: only the C client offers it."""
+    if not args.deflate:
+        return None
+    if args.load_client != "c" or args.mode not in C_MODES:
+        modes = " or ".join(C_MODES)
+        return f"--deflate needs the C load client (--load-client c), in {modes} mode"
+    if not any(c_variant(v) for v in args.variants):
+        return "--deflate: none of these variants is read by the C load client"
+    return None
 
 
 def c_variant(variant: str) -> bool:
@@ -130,9 +145,16 @@ def load_client_description(args: argparse.Namespace) -> str:
     if args.load_client_note:
         return args.load_client_note
     if args.load_client == "c" and args.mode in C_MODES:
+        deflate = ""
+        if args.deflate:
+            deflate = (
+                f"; **the C client offers permessage-deflate** (`Sec-WebSocket-Extensions: "
+                f"{DEFLATE_OFFER}`, as Chromium does) and inflates; the Python clients "
+                "(Socket.IO, SSE) do not offer it"
+            )
         return (
             f"load client: the C one (`fanbench/cload/fanload.c`, epoll, one thread) for the "
-            f"WebSocket variants, the Python ones ({args.load_loop}) for the others"
+            f"WebSocket variants, the Python ones ({args.load_loop}) for the others{deflate}"
         )
     return f"load client: the Python ones ({args.load_loop})"
 
