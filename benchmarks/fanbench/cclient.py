@@ -2,8 +2,14 @@
 
 The C process opens the N WebSockets and reads every frame (epoll, one thread, on the load
 process's core: it inherits the pinning); this process only starts it, waits for its lines on
-stdout (``open``, ``first``, ``done``) and reads its results back after the measured window
-(counts, each socket's received count and closed flag, and every new event's latency).
+stdout (``extensions``, ``open``, ``first``, ``done``) and reads its results back after the
+measured window (counts, bytes on the wire, each socket's received count and closed flag, and
+every new event's latency).
+
+``--deflate``: the C client offers permessage-deflate as Chromium does and inflates what the
+server compresses (it is linked with zlib, ``-lz``; where that build fails it is built without,
+``-DFANLOAD_NO_ZLIB``, and ``--deflate`` then stops the benchmark instead of measuring
+uncompressed frames).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import sys
 from array import array
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 from .clients import Tally
 from .common import (
@@ -32,6 +39,9 @@ from .common import (
 
 SOURCE = Path(__file__).resolve().parent / "cload" / "fanload.c"
 CFLAGS = ["-O2", "-std=c11", "-Wall", "-Wextra"]
+ZLIB = ["-lz"]  # linked after the source
+NO_ZLIB = ["-DFANLOAD_NO_ZLIB"]  # the fallback where the build with zlib fails
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"  # as Chromium offers it
 LOAD_CLIENTS = ("c", "uvloop")  # uvloop: the Python clients, on --load-loop (uvloop by default)
 C_MODES = ("burst", "steady")  # stalled, idle and routing keep the Python clients
 
@@ -41,32 +51,50 @@ def cache_dir() -> Path:
     return Path(base) / "asgi-events-fanbench"
 
 
+class Build(NamedTuple):
+    binary: Path | None  # None: it could not be built (``how`` says why)
+    how: str
+    deflate: bool = False  # linked with zlib: --deflate works
+
+
 @cache
-def build() -> tuple[Path | None, str]:
-    """The binary, built with the system's ``cc`` unless a build of this very source (and
-    flags) is cached; or (None, why it could not be built)."""
+def build() -> Build:
+    """The binary, built with the system's ``cc`` (and zlib, else without it) unless a build of
+    this very source (and flags) is cached."""
+    with_zlib = build_with(ZLIB, [])
+    if with_zlib.binary is not None:
+        return with_zlib._replace(deflate=True)
+    without = build_with([], NO_ZLIB)
+    if without.binary is None:
+        return without
+    print(f"C load client: no zlib build ({with_zlib.how}); --deflate unavailable", flush=True)
+    return without._replace(how=f"{without.how} (without zlib: --deflate unavailable)")
+
+
+def build_with(libs: list[str], defines: list[str]) -> Build:
     compiler = os.environ.get("CC", "cc")
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join([compiler, *CFLAGS]).encode()).hexdigest()[:12]
+    flags = [compiler, *CFLAGS, *defines, *libs]
+    digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:12]
     binary = cache_dir() / f"fanload-{digest}"
     if binary.exists():
-        return binary, f"cached build {binary}"
+        return Build(binary, f"cached build {binary}")
     if shutil.which(compiler) is None:
-        return None, f"no C compiler ({compiler!r} not on the PATH)"
+        return Build(None, f"no C compiler ({compiler!r} not on the PATH)")
     binary.parent.mkdir(parents=True, exist_ok=True)
     partial = binary.with_name(f"{binary.name}.{os.getpid()}.tmp")
-    command = [compiler, *CFLAGS, "-o", str(partial), str(SOURCE)]
+    command = [compiler, *CFLAGS, *defines, "-o", str(partial), str(SOURCE), *libs]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"`{' '.join(command)}`: {exc}"
+        return Build(None, f"`{' '.join(command)}`: {exc}")
     if done.returncode != 0:
         partial.unlink(missing_ok=True)
         print(done.stderr, file=sys.stderr, flush=True)
         first = (done.stderr.strip().splitlines() or ["no output"])[0]
-        return None, f"`{' '.join(command)}` failed (exit {done.returncode}): {first}"
+        return Build(None, f"`{' '.join(command)}` failed (exit {done.returncode}): {first}")
     partial.replace(binary)  # atomic: a concurrent run sees the whole binary or none
-    return binary, f"built {binary}"
+    return Build(binary, f"built {binary}")
 
 
 def choose_load_client(args: argparse.Namespace) -> None:
@@ -77,7 +105,9 @@ def choose_load_client(args: argparse.Namespace) -> None:
         return
     if not any(c_variant(v) for v in args.variants):
         return
-    binary, how = build()
+    binary, how, deflate = build()
+    if args.deflate and not deflate:  # never measure uncompressed frames as compressed ones
+        sys.exit(f"--deflate needs the C load client built with zlib: {how}")
     if binary is None:
         args.load_client = "uvloop"
         args.load_client_note = (
@@ -88,6 +118,18 @@ def choose_load_client(args: argparse.Namespace) -> None:
         print(f"{bar}\n{args.load_client_note}\n{bar}", file=sys.stderr, flush=True)
     else:
         print(f"C load client: {how}", flush=True)
+
+
+def deflate_error(args: argparse.Namespace) -> str | None:
+    """Why ``--deflate`` cannot apply to this invocation, or None: only the C client offers it."""
+    if not args.deflate:
+        return None
+    if args.load_client != "c" or args.mode not in C_MODES:
+        modes = " or ".join(C_MODES)
+        return f"--deflate needs the C load client (--load-client c), in {modes} mode"
+    if not any(c_variant(v) for v in args.variants):
+        return "--deflate: none of these variants is read by the C load client"
+    return None
 
 
 def c_variant(variant: str) -> bool:
@@ -103,9 +145,16 @@ def load_client_description(args: argparse.Namespace) -> str:
     if args.load_client_note:
         return args.load_client_note
     if args.load_client == "c" and args.mode in C_MODES:
+        deflate = ""
+        if args.deflate:
+            deflate = (
+                f"; **the C client offers permessage-deflate** (`Sec-WebSocket-Extensions: "
+                f"{DEFLATE_OFFER}`, as Chromium does) and inflates; the Python clients "
+                "(Socket.IO, SSE) do not offer it"
+            )
         return (
             f"load client: the C one (`fanbench/cload/fanload.c`, epoll, one thread) for the "
-            f"WebSocket variants, the Python ones ({args.load_loop}) for the others"
+            f"WebSocket variants, the Python ones ({args.load_loop}) for the others{deflate}"
         )
     return f"load client: the Python ones ({args.load_loop})"
 
@@ -140,14 +189,28 @@ class CLoad(Tally):
 
     process: asyncio.subprocess.Process | None = None
     sockets_list: list[CSocket]
+    deflate = False  # permessage-deflate offered
+    # What the server answered: sockets that agreed to permessage-deflate, whether their answers
+    # differed, the first answer ("" if none did).
+    extension_sockets = 0
+    extensions_mixed = False
+    extensions = ""
+    wire_bytes = 0  # every frame received, header and payload as received (compressed or not)
+    message_bytes = 0  # the data messages' payloads, inflated
+    messages = 0  # data messages received
+    compressed = 0  # of which compressed (RSV1)
 
-    async def start(self, ports: list[int], variant: str) -> list[CSocket]:
-        binary, how = build()
+    async def start(self, ports: list[int], variant: str, deflate: bool = False) -> list[CSocket]:
+        binary, how, can_deflate = build()
         if binary is None:
             raise RuntimeError(f"the C load client is not built: {how}")
+        if deflate and not can_deflate:
+            raise RuntimeError(f"the C load client has no zlib, no --deflate: {how}")
+        self.deflate = deflate
         batch = variant == BATCH_VARIANT
         command = [
             str(binary),
+            *(["--deflate"] if deflate else []),
             ",".join(map(str, ports)),
             str(self.sockets),
             str(self.events),
@@ -179,7 +242,11 @@ class CLoad(Tally):
         try:
             while line := await out.readline():
                 word, _, rest = line.decode().strip().partition(" ")
-                if word == "open":
+                if word == "extensions":
+                    count, mixed, answer = rest.split(" ", 2)
+                    self.extension_sockets, self.extensions_mixed = int(count), mixed == "1"
+                    self.extensions = "" if answer == "-" else answer
+                elif word == "open":
                     self._opened.set_result(None)
                 elif word == "first":
                     self.mark_first()
@@ -198,7 +265,8 @@ class CLoad(Tally):
                     future.exception()  # retrieved: whoever waits gets it anyway
 
     async def _read_results(self, out: asyncio.StreamReader, fields: list[int]) -> None:
-        received, ooo, dups, unexpected, frames, ready, last_ns, nlat, _closed = fields
+        received, ooo, dups, unexpected, frames, ready, last_ns, nlat, _closed = fields[:9]
+        self.wire_bytes, self.message_bytes, self.messages, self.compressed = fields[9:]
         self.received, self.out_of_order, self.duplicates = received, ooo, dups
         self.unexpected, self.frames, self.ready, self.last_ns = unexpected, frames, ready, last_ns
         latencies = array("q")

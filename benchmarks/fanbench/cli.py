@@ -10,7 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .cclient import LOAD_CLIENTS, choose_load_client, load_client_description
+from .cclient import LOAD_CLIENTS, choose_load_client, deflate_error, load_client_description
 from .chart import draw_chart, results_path
 from .common import (
     BATCH_VARIANT,
@@ -106,6 +106,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the Python one on --load-loop",
     )
     parser.add_argument(
+        "--deflate",
+        action="store_true",
+        help="the C load client offers permessage-deflate as Chromium does, and inflates",
+    )
+    parser.add_argument(
         "--quiet-wait",
         type=float,
         default=60.0,
@@ -155,6 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.mode != "burst" and args.profile:
         parser.error("--profile is for burst mode")
     apply_defaults(args)
+    if deflate_error(args):
+        parser.error(str(deflate_error(args)))
     if min(args.sockets, args.events, args.runs) < 1 or args.payload < 0:
         parser.error("--sockets, --events and --runs must be positive, --payload not negative")
     if (args.rate is not None and args.rate <= 0) or args.duration <= 0:
@@ -188,7 +195,8 @@ def apply_defaults(args: argparse.Namespace) -> None:
 
 def results_suffix(args: argparse.Namespace) -> str:
     """Quick, profiled, resized or partial runs do not overwrite the real results."""
-    suffix = ("-cluster" if args.redis == "cluster" else "") + ("-quick" if args.quick else "")
+    suffix = ("-cluster" if args.redis == "cluster" else "") + ("-deflate" if args.deflate else "")
+    suffix += "-quick" if args.quick else ""
     suffix += "-profile" if args.profile else ""
     if args.quick:
         return suffix
@@ -444,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_meta(args: argparse.Namespace) -> dict[str, Any]:
     """What the saved JSON records besides the runs."""
-    keys = "started sockets events payload runs rate duration uvicorn_ws redis".split()
+    keys = "started sockets events payload runs rate duration uvicorn_ws redis deflate".split()
     return {key: getattr(args, key) for key in keys}
 
 

@@ -36,6 +36,7 @@ from .common import (
     percent,
 )
 from .runs import IdleResult, RunResult, redis_cpu_text
+from .wire import bytes_text, report_lines
 
 GOALS = {"asgi-events": PLAIN_GOAL, BATCH_VARIANT: BATCH_GOAL, SSE_VARIANT: SSE_GOAL}
 
@@ -44,6 +45,7 @@ MEDIAN_KEYS = (
     "deliveries_per_s",
     "frames_per_s",
     "deliveries_per_frame",
+    "wire_bytes_per_event",
     "p50_ms",
     "p99_ms",
     "server_cpu",
@@ -120,10 +122,10 @@ def burst_report(args: argparse.Namespace, results: list[RunResult], header: lis
         f"Median of {args.runs} run(s) per variant; N={args.sockets} sockets, "
         f"M={args.events} events/burst, payload {args.payload} B.",
         "",
-        "| variant | deliveries/s (min-max) | frames/s | deliveries/frame | p50 ms | p99 ms "
-        "| lost | out-of-order | server CPU | server GC | server peak RSS MB | redis CPU "
-        "| load CPU | load CPU delivering | load-bound runs | noisy runs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | deliveries/s (min-max) | frames/s | deliveries/frame | wire B/event "
+        "| p50 ms | p99 ms | lost | out-of-order | server CPU | server GC | server peak RSS MB "
+        "| redis CPU | load CPU | load CPU delivering | load-bound runs | noisy runs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     medians: dict[str, dict[str, float]] = {}
     load_bound: dict[str, int] = {}
@@ -137,7 +139,7 @@ def burst_report(args: argparse.Namespace, results: list[RunResult], header: lis
         lines.append(
             f"| {variant} | {m['deliveries_per_s']:,.0f} ({min(rates):,.0f}-{max(rates):,.0f}) "
             f"| {m['frames_per_s']:,.0f} | {m['deliveries_per_frame']:.1f} "
-            f"| {m['p50_ms']:.1f} | {m['p99_ms']:.1f} "
+            f"| {bytes_text(m['wire_bytes_per_event'])} | {m['p50_ms']:.1f} | {m['p99_ms']:.1f} "
             f"| {sum(r.lost for r in runs)} | {sum(r.out_of_order for r in runs)} "
             f"| {m['server_cpu']:.0%} | {m['server_gc']:.0%} | {m['server_rss_mb']:.1f} "
             f"| {percent(m['redis_cpu'])} "
@@ -146,6 +148,7 @@ def burst_report(args: argparse.Namespace, results: list[RunResult], header: lis
             f"| {sum(r.noisy for r in runs)}/{len(runs)} |"
         )
     lines += ratio_lines(medians, load_bound)
+    lines += report_lines(args, results)
     if BATCH_VARIANT in medians:
         lines += [
             "",
@@ -187,19 +190,20 @@ def burst_report(args: argparse.Namespace, results: list[RunResult], header: lis
         f"has frames to read; above {LOAD_BOUND:.0%} in either load column the run is "
         "LOAD-BOUND; two nodes: CPU and GC summed, RSS per node):",
         "",
-        "| run | variant | load client | deliveries/s | frames/s | deliveries/frame | window s "
-        "| publish call ms | p50 ms | p99 ms | lost | out-of-order | dup | closed | server CPU "
-        "| server GC | GC runs | RSS MB | redis CPU | load CPU | load CPU delivering | softirq "
-        "| other CPU | notes |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:"
-        "|---:|---:|---:|---:|---:|---|",
+        "| run | variant | load client | deliveries/s | frames/s | deliveries/frame "
+        "| wire B/event | window s | publish call ms | p50 ms | p99 ms | lost | out-of-order | dup "
+        "| closed | server CPU | server GC | GC runs | RSS MB | redis CPU | load CPU "
+        "| load CPU delivering | softirq | other CPU | notes |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---"
+        "|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         rss = "+".join(f"{x:.1f}" for x in r.node_rss_mb)
         lines.append(
             f"| {r.run} | {r.variant} | {r.client or '-'} | {r.deliveries_per_s:,.0f} "
             f"| {r.frames_per_s:,.0f} "
-            f"| {r.deliveries_per_frame:.1f} | {r.window_s:.3f} "
+            f"| {r.deliveries_per_frame:.1f} | {bytes_text(r.wire_bytes_per_event)} "
+            f"| {r.window_s:.3f} "
             f"| {r.call_ms:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.lost} | {r.out_of_order} "
             f"| {r.duplicates} | {r.closed} | {r.server_cpu:.0%} | {r.server_gc:.0%} "
             f"| {'/'.join(map(str, r.gc_runs))} | {rss} "
@@ -326,6 +330,8 @@ def format_extra(r: RunResult, name: str) -> str:
         return f"{r.lag_p99_ms:.1f} / {r.lag_max_ms:.1f}"
     if name == "publish call ms":
         return f"{r.call_ms:.1f}"
+    if name == "wire B/event":
+        return bytes_text(r.wire_bytes_per_event)
     raise ValueError(name)
 
 
@@ -345,9 +351,10 @@ def steady_report(
         "that falls behind adds its lateness (the *publish lag*) to the latency, as it would "
         "for a real application.",
         "",
-        "| variant | deliveries/s | p50 ms | p99 ms (min-max) | max ms | p99 / raw p99 "
-        "| publish lag p99 / max ms | lost | out-of-order | server CPU | load CPU | flags |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| variant | deliveries/s | wire B/event | p50 ms | p99 ms (min-max) | max ms "
+        "| p99 / raw p99 | publish lag p99 / max ms | lost | out-of-order | server CPU | load CPU "
+        "| flags |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     raw_p99 = median_of(grouped["raw"], "p99_ms") if "raw" in grouped else float("nan")
     for variant, runs in grouped.items():
@@ -355,6 +362,7 @@ def steady_report(
         p99s = [r.p99_ms for r in runs]
         lines.append(
             f"| {variant} | {median_of(runs, 'deliveries_per_s'):,.0f} "
+            f"| {bytes_text(median_of(runs, 'wire_bytes_per_event'))} "
             f"| {median_of(runs, 'p50_ms'):.1f} | {p99:.1f} ({min(p99s):.1f}-{max(p99s):.1f}) "
             f"| {median_of(runs, 'max_ms'):.1f} | {p99 / raw_p99:.2f}x "
             f"| {median_of(runs, 'lag_p99_ms'):.1f} / {median_of(runs, 'lag_max_ms'):.1f} "
@@ -372,10 +380,11 @@ def steady_report(
     if "raw" in grouped and SSE_VARIANT in grouped:
         ratio = median_of(grouped[SSE_VARIANT], "p99_ms") / raw_p99
         lines += ["", f"**{SSE_VARIANT} p99 / raw (WebSocket) p99: {ratio:.2f}x** (no goal set)"]
+    lines += report_lines(args, results)
     lines += sse_notes(grouped)
     lines += peer_notes(grouped)
     lines += ["", "Per run, in the order run:", ""]
-    lines += per_run_table(results, ["rate", "lag p99/max ms"])
+    lines += per_run_table(results, ["rate", "lag p99/max ms", "wire B/event"])
     return "\n".join(lines) + "\n"
 
 

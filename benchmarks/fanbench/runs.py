@@ -35,6 +35,7 @@ from .common import (
     percentile,
 )
 from .procs import RedisCpu, RedisService, ServerProcess, http_request, start_redis
+from .wire import annotate, print_text
 
 
 @dataclass
@@ -76,6 +77,9 @@ class RunResult:
     redis_cpu_parts: list[float] = field(default_factory=list)  # a cluster: per master
     redis_replicas_cpu: float | None = None  # a cluster: its replicas' main threads, summed
     wall_s: float = float("nan")  # what the CPU shares are over: POST /publish to last delivery
+    wire_bytes_per_event: float = float("nan")  # frames received / deliveries (C client only)
+    message_bytes_per_event: float = float("nan")  # the same, inflated payloads only
+    extensions: str = ""  # the server's Sec-WebSocket-Extensions answer (C client)
 
     @property
     def load_bound(self) -> bool:
@@ -229,7 +233,7 @@ async def run_delivery(
         tally = Tally(args.sockets - len(stalled), events, asyncio.Event())
         if uses_c(args, variant, stall):
             f.load = tally = CLoad(args.sockets, events, asyncio.Event())
-            f.clients = list(await f.load.start(f.ports, variant))
+            f.clients = list(await f.load.start(f.ports, variant, args.deflate))
         else:
             f.clients, f.stalled = await connect_all(f.ports, tally, variant, stalled=stalled)
         count = len(f.nodes)
@@ -245,6 +249,7 @@ async def run_delivery(
             request["rate"] = rate
         result = await measure(f, variant, run, request, tally, wait, stall)
         result.client = load_client(variant, "c" if f.load else args.load_loop)
+        annotate(result, f.load)
         return result
 
 
@@ -442,7 +447,7 @@ def print_run(result: RunResult) -> None:
     print(
         f"  run {result.run} {result.variant + stalled:<33} {result.client:<16} "
         f"{result.deliveries_per_s:>11,.0f} deliveries/s  "
-        f"({result.deliveries_per_frame:.1f}/frame)  "
+        f"({result.deliveries_per_frame:.1f}/frame)  {print_text(result)}"
         f"p50 {result.p50_ms:7.1f} ms  p99 {result.p99_ms:7.1f} ms  "
         f"lost {result.lost}  ooo {result.out_of_order}  "
         f"server CPU {result.server_cpu:.0%} (GC {result.server_gc:.0%})  {redis_cpu}"

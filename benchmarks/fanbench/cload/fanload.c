@@ -6,15 +6,28 @@
  * per socket, every seq once and in order; per new event, the latency (receive time minus the
  * event's "t", both CLOCK_REALTIME ns, as time.time_ns()).
  *
- *   fanload PORTS SOCKETS EVENTS plain|batch [SUBPROTOCOL]
+ *   fanload [--deflate] PORTS SOCKETS EVENTS plain|batch [SUBPROTOCOL]
  *
  * With SUBPROTOCOL the client offers it and fails unless the server selects it. "batch": every
  * text message is a JSON array of messages (asgi-events.v1.batch).
  *
+ * --deflate: offer permessage-deflate as Chromium does (RFC 7692), exactly
+ * "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits". If the server accepts
+ * (its answer is parsed: server_no_context_takeover, client_no_context_takeover,
+ * server_max_window_bits, client_max_window_bits; anything else fails the client), every message
+ * with RSV1 set is inflated (raw inflate, the server's window, 0x00 0x00 0xff 0xff appended;
+ * one inflate stream per socket across messages, reset after each one with
+ * server_no_context_takeover) before it is checked. Built with -DFANLOAD_NO_ZLIB (no zlib), the
+ * client refuses --deflate. Before "open" the client says what was negotiated:
+ * "extensions <sockets that negotiated> <1 if their answers differ, else 0> <first answer or ->".
+ *
  * Protocol with the Python side (fanbench/cclient.py): lines on stdout, "open" (all N upgraded),
  * "first" (first new event), "done" (every event on every socket), "error <text>" (then exit 2);
  * on stdin, "stop" answers "result <received> <out_of_order> <duplicates> <unexpected> <frames>
- * <ready> <last_ns> <latencies> <closed>" followed by binary (native endianness): the latencies
+ * <ready> <last_ns> <latencies> <closed> <wire_bytes> <message_bytes> <messages> <compressed>"
+ * (wire_bytes: every frame received after the upgrade, headers and payload as received;
+ * message_bytes: the data messages' payloads, after inflating; messages: data messages;
+ * compressed: those with RSV1) followed by binary (native endianness): the latencies
  * as int64 ns, each socket's received count as uint32, each socket's closed flag as uint8.
  * "close" (or EOF on stdin) sends a close frame (1000) on every open socket and exits.
  *
@@ -44,6 +57,9 @@
 #include <time.h>
 #include <unistd.h>
 #include <arpa/inet.h>
+#ifndef FANLOAD_NO_ZLIB
+#include <zlib.h>
+#endif
 
 #define CONCURRENCY 64
 #define READ_SIZE 65536
@@ -57,9 +73,13 @@ typedef struct {
     size_t len, cap;
     uint8_t *msg; /* a fragmented message so far */
     size_t mlen, mcap;
-    int in_msg;
+    int in_msg, msg_compressed; /* a fragmented message so far: its first frame had RSV1 */
     uint32_t next_seq, received;
     char accept[29];
+    int pmd, pmd_reset; /* permessage-deflate negotiated; server_no_context_takeover */
+#ifndef FANLOAD_NO_ZLIB
+    z_stream z; /* the inflate stream, initialised once negotiated */
+#endif
 } conn;
 
 static conn *conns;
@@ -72,6 +92,10 @@ static int64_t *lat;
 static uint64_t nlat, lat_cap, expected, received, ooo, dups, unexpected, frames, ready;
 static int64_t last_ns, now_ns;
 static int started, opened, stopped;
+static int deflate_offer; /* --deflate */
+static uint64_t wire_bytes, message_bytes, messages, compressed, ext_sockets;
+static char ext_first[256]; /* the first negotiated Sec-WebSocket-Extensions answer */
+static int ext_mixed;       /* a later socket's answer differed from it */
 
 static void say(const char *text) {
     size_t len = strlen(text), off = 0;
@@ -280,6 +304,136 @@ static void message(conn *c, const uint8_t *p, size_t len) {
     else plain(c, p, len);
 }
 
+/* -- permessage-deflate (RFC 7692) -------------------------------------------------------- */
+
+#ifndef FANLOAD_NO_ZLIB
+static uint8_t *inflated; /* one buffer for every socket: a message is checked before the next */
+static size_t inflated_cap;
+
+/* Feed `len` bytes at p to c's inflate stream, appending the output to inflated[*out...]. */
+static void inflate_some(conn *c, const uint8_t *p, size_t len, size_t *out) {
+    z_stream *z = &c->z;
+    z->next_in = (Bytef *)p;
+    z->avail_in = (uInt)len;
+    for (;;) {
+        if (inflated_cap - *out < 4096) {
+            inflated_cap = inflated_cap ? 2 * inflated_cap : READ_SIZE;
+            inflated = realloc(inflated, inflated_cap);
+            if (!inflated) die("out of memory");
+        }
+        z->next_out = inflated + *out;
+        z->avail_out = (uInt)(inflated_cap - *out);
+        int r = inflate(z, Z_SYNC_FLUSH);
+        *out = inflated_cap - z->avail_out;
+        if (*out > MAX_FRAME)
+            die("socket %zu: inflated message above %u bytes", c - conns, MAX_FRAME);
+        if (r == Z_STREAM_END) { /* a block with BFINAL: the next message starts a new stream */
+            inflateReset(z);
+            return;
+        }
+        if (r != Z_OK && r != Z_BUF_ERROR)
+            die("socket %zu: inflate: %s (%d)", c - conns, z->msg ? z->msg : "error", r);
+        if (z->avail_in == 0 && z->avail_out > 0) return; /* all input used, all output out */
+    }
+}
+
+/* A compressed message: inflated (the 0x00 0x00 0xff 0xff the server stripped put back). */
+static const uint8_t *inflate_message(conn *c, const uint8_t *p, size_t len, size_t *out_len) {
+    static const uint8_t tail[4] = {0x00, 0x00, 0xff, 0xff};
+    size_t out = 0;
+    inflate_some(c, p, len, &out);
+    inflate_some(c, tail, sizeof tail, &out);
+    if (c->pmd_reset) inflateReset(&c->z); /* server_no_context_takeover */
+    *out_len = out;
+    return inflated;
+}
+#endif
+
+/* A whole data message, as received (compressed: RSV1 on its first frame). */
+static void deliver(conn *c, const uint8_t *p, size_t len, int rsv1) {
+    messages++;
+    if (rsv1) {
+#ifndef FANLOAD_NO_ZLIB
+        compressed++;
+        p = inflate_message(c, p, len, &len);
+#endif
+    }
+    message_bytes += len;
+    message(c, p, len);
+}
+
+/* One extension parameter's value (a token or a quoted string), into out; 0 if malformed. */
+static int param_value(const char *v, char *out, size_t size) {
+    size_t n = strlen(v);
+    if (n >= 2 && v[0] == '"' && v[n - 1] == '"') v++, n -= 2;
+    if (!n || n >= size) return 0;
+    memcpy(out, v, n);
+    out[n] = 0;
+    return 1;
+}
+
+static int window_bits(const char *v) {
+    char text[8];
+    if (!param_value(v, text, sizeof text)) return 0;
+    char *end;
+    long bits = strtol(text, &end, 10);
+    return *end || bits < 8 || bits > 15 ? 0 : (int)bits;
+}
+
+static char *trim(char *s) {
+    while (*s == ' ' || *s == '\t') s++;
+    char *e = s + strlen(s);
+    while (e > s && (e[-1] == ' ' || e[-1] == '\t')) *--e = 0;
+    return s;
+}
+
+/* The server's Sec-WebSocket-Extensions answer (NULL: none) for socket i: what was agreed. A
+ * client must fail the connection on an answer it did not offer or cannot honour (RFC 7692). */
+static void negotiate(int i, const char *answer) {
+    conn *c = &conns[i];
+    if (!answer) return;
+    if (!deflate_offer)
+        die("socket %d: extensions not offered, the server answered: %s", i, answer);
+    char text[256];
+    snprintf(text, sizeof text, "%s", answer);
+    if (strchr(text, ',')) die("socket %d: more than one extension in the answer: %s", i, answer);
+    char *save, *name = strtok_r(text, ";", &save);
+    if (!name || strcasecmp(trim(name), "permessage-deflate"))
+        die("socket %d: an extension that was not offered: %s", i, answer);
+    int seen_params = 0, server_bits = 15;
+    for (char *param; (param = strtok_r(NULL, ";", &save));) {
+        char *eq = strchr(param, '='), *value = NULL;
+        if (eq) *eq = 0, value = trim(eq + 1);
+        param = trim(param);
+        static const char *const known[] = {"server_no_context_takeover",
+                                            "client_no_context_takeover",
+                                            "server_max_window_bits", "client_max_window_bits"};
+        int k = 0;
+        while (k < 4 && strcasecmp(param, known[k])) k++;
+        if (k == 4 || seen_params & (1 << k))
+            die("socket %d: unknown or repeated permessage-deflate parameter %s", i, answer);
+        seen_params |= 1 << k;
+        if (k < 2 && value) die("socket %d: %s takes no value: %s", i, param, answer);
+        if (k >= 2 && (!value || !window_bits(value)))
+            die("socket %d: %s needs a value of 8 to 15: %s", i, param, answer);
+        if (k == 0) c->pmd_reset = 1;
+        if (k == 2) server_bits = window_bits(value);
+        /* client_*: how we would compress; this client sends only control frames, which are
+         * never compressed. */
+    }
+#ifdef FANLOAD_NO_ZLIB
+    (void)server_bits;
+    die("socket %d: permessage-deflate agreed, but this build has no zlib", i);
+#else
+    /* zlib's raw deflate makes a 9-bit window of 8 (see deflateInit2): inflate with 9 then. */
+    if (inflateInit2(&c->z, -(server_bits < 9 ? 9 : server_bits)) != Z_OK)
+        die("socket %d: inflateInit2 failed", i);
+    c->pmd = 1;
+    if (!ext_sockets++) snprintf(ext_first, sizeof ext_first, "%s", answer);
+    else if (strcmp(answer, ext_first)) ext_mixed = 1;
+#endif
+}
+
 /* -- reading frames ----------------------------------------------------------------------- */
 
 static void append_msg(conn *c, const uint8_t *p, size_t len) {
@@ -325,18 +479,25 @@ static int frames_in(conn *c) {
         uint8_t *payload = f + header + (masked ? 4 : 0);
         if (masked) /* servers do not mask; be lenient */
             for (size_t i = 0; i < length; i++) payload[i] ^= f[header + i % 4];
-        int fin = f[0] & 0x80, opcode = f[0] & 0x0F;
+        int fin = f[0] & 0x80, rsv1 = f[0] & 0x40, opcode = f[0] & 0x0F;
+        if (f[0] & 0x30 || (rsv1 && (!c->pmd || opcode == 0x0 || opcode & 0x8)))
+            die("socket %zu: reserved bits 0x%02x on a frame of opcode %d (permessage-deflate %s)",
+                c - conns, f[0] & 0x70, opcode, c->pmd ? "agreed" : "not agreed");
         pos += total;
+        wire_bytes += total;
         if (opcode == 0x1 || opcode == 0x2) {
-            if (fin) message(c, payload, length);
-            else c->mlen = 0, c->in_msg = 1, append_msg(c, payload, length);
+            if (fin) deliver(c, payload, length, rsv1);
+            else {
+                c->mlen = 0, c->in_msg = 1, c->msg_compressed = rsv1;
+                append_msg(c, payload, length);
+            }
         } else if (opcode == 0x0) {
             if (!c->in_msg) {
                 unexpected++;
                 continue;
             }
             append_msg(c, payload, length);
-            if (fin) c->in_msg = 0, message(c, c->msg, c->mlen);
+            if (fin) c->in_msg = 0, deliver(c, c->msg, c->mlen, c->msg_compressed);
         } else if (opcode == 0x8) { /* answer the close handshake, then the socket is done */
             send_frame(c, 0x8, payload, length >= 2 ? 2 : 0);
             close_conn(c);
@@ -375,7 +536,7 @@ static void send_upgrade(int i) {
     getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
     if (err) die("socket %d: connect: %s", i, strerror(err));
     uint8_t raw[16];
-    char key[25], request[512], protocol[160] = "";
+    char key[25], request[640], protocol[160] = "";
     if (getrandom(raw, sizeof raw, 0) != (ssize_t)sizeof raw) die("getrandom failed");
     base64(raw, sizeof raw, key);
     char keyed[64];
@@ -387,8 +548,11 @@ static void send_upgrade(int i) {
     int n = snprintf(request, sizeof request,
                      "GET /ws?token=user-%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
                      "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                     "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n",
-                     i, c->port, key, protocol);
+                     "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s%s\r\n",
+                     i, c->port, key, protocol,
+                     deflate_offer ? "Sec-WebSocket-Extensions: permessage-deflate; "
+                                     "client_max_window_bits\r\n"
+                                   : "");
     /* A fresh socket's send buffer takes a few hundred bytes whole. */
     if (send(c->fd, request, (size_t)n, MSG_NOSIGNAL) != n) die("socket %d: short upgrade write", i);
     c->state = HANDSHAKE;
@@ -413,6 +577,15 @@ static char *header(const char *head, const char *name, char *out, size_t size) 
         }
     }
     return NULL;
+}
+
+/* How many header lines named `name` the response head has. */
+static int header_lines(const char *head, const char *name) {
+    size_t n = strlen(name);
+    int count = 0;
+    for (const char *line = strstr(head, "\r\n"); line; line = strstr(line + 2, "\r\n"))
+        count += strncasecmp(line + 2, name, n) == 0 && line[2 + n] == ':';
+    return count;
 }
 
 /* The response head, once complete: check it, keep what follows (frames) in the buffer. */
@@ -440,6 +613,11 @@ static int handshake(int i) {
     char *accept = header(head, "sec-websocket-accept", accept_value, sizeof accept_value);
     if (!accept || strcmp(accept, c->accept))
         die("socket %d: bad Sec-WebSocket-Accept %s (want %s)", i, accept ? accept : "none", c->accept);
+    /* One extension at most was offered: several header lines would be several answers. */
+    if (header_lines(head, "sec-websocket-extensions") > 1)
+        die("socket %d: several Sec-WebSocket-Extensions headers in the answer", i);
+    char ext_value[256];
+    negotiate(i, header(head, "sec-websocket-extensions", ext_value, sizeof ext_value));
     free(head);
     c->len -= head_len;
     memmove(c->buf, c->buf + head_len, c->len);
@@ -450,13 +628,14 @@ static int handshake(int i) {
 /* -- control from the Python side --------------------------------------------------------- */
 
 static void report(void) {
-    char line[256];
+    char line[512];
     uint64_t closed = 0;
     for (int i = 0; i < nsock; i++) closed += conns[i].state == CLOSED;
-    snprintf(line, sizeof line, "result %lu %lu %lu %lu %lu %lu %ld %lu %lu\n",
+    snprintf(line, sizeof line, "result %lu %lu %lu %lu %lu %lu %ld %lu %lu %lu %lu %lu %lu\n",
              (unsigned long)received, (unsigned long)ooo, (unsigned long)dups,
              (unsigned long)unexpected, (unsigned long)frames, (unsigned long)ready, (long)last_ns,
-             (unsigned long)nlat, (unsigned long)closed);
+             (unsigned long)nlat, (unsigned long)closed, (unsigned long)wire_bytes,
+             (unsigned long)message_bytes, (unsigned long)messages, (unsigned long)compressed);
     say(line);
     put_all(lat, nlat * sizeof *lat);
     uint32_t *counts = malloc((size_t)nsock * 4);
@@ -500,10 +679,15 @@ static void control(void) {
 }
 
 int main(int argc, char **argv) {
+    if (argc > 1 && !strcmp(argv[1], "--deflate")) deflate_offer = 1, argv++, argc--;
     if (argc < 5 || argc > 6) {
-        fprintf(stderr, "usage: fanload PORTS SOCKETS EVENTS plain|batch [SUBPROTOCOL]\n");
+        fprintf(stderr,
+                "usage: fanload [--deflate] PORTS SOCKETS EVENTS plain|batch [SUBPROTOCOL]\n");
         return 64;
     }
+#ifdef FANLOAD_NO_ZLIB
+    if (deflate_offer) die("--deflate: this build has no zlib (built with -DFANLOAD_NO_ZLIB)");
+#endif
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     signal(SIGPIPE, SIG_IGN);
     ports = calloc(strlen(argv[1]) + 1, sizeof *ports);
@@ -566,7 +750,13 @@ int main(int argc, char **argv) {
             c->len += (size_t)got;
             if (c->state == HANDSHAKE) {
                 if (!handshake((int)i)) continue;
-                if (++opened == nsock) say("open\n");
+                if (++opened == nsock) {
+                    char line[320];
+                    snprintf(line, sizeof line, "extensions %lu %d %s\n",
+                             (unsigned long)ext_sockets, ext_mixed, ext_sockets ? ext_first : "-");
+                    say(line);
+                    say("open\n");
+                }
                 if (started < nsock) start_connect(started++);
             }
             frames_in(c);
