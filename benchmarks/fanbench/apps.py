@@ -250,8 +250,9 @@ def build_asgi_events_app(
 
     With ``redis`` (url, key prefix) the hub is one node on ``RedisBackend`` (``cluster``: on a
     Redis Cluster): it is ready once subscribed, and a burst published here reaches the other
-    nodes' sockets through Redis. Its routes ``GET /stats`` (``hub.stats()``) and ``POST
-    /publish-users`` (per-user ``broadcast``, the routing mode's publisher) are added.
+    nodes' sockets through Redis. In memory or not, the routes of ``publisher.hub_routes`` are
+    added: ``GET /stats`` (``hub.stats()``), ``POST /publish-users`` (per-user ``broadcast``, the
+    routing mode's publisher) and ``POST /publish-soak`` (the soak mode's).
     """
     from asgi_events import EventHub, EventsMiddleware
 
@@ -273,13 +274,14 @@ def build_asgi_events_app(
     async def publish_one(seq: int, t_ns: int, pad: str) -> None:
         await hub.broadcast_to_all(bench_event(seq, t_ns, pad, timestamp=False))
 
-    routes: dict[tuple[str, str], Route] = {}
-    if redis is not None:
-        from .publisher import routing_routes
+    from .publisher import hub_routes
 
-        routes = routing_routes(hub)
     control = Control(
-        lambda: int(hub.stats()["total_connections"]), publish_one, profile_path, ready, routes
+        lambda: int(hub.stats()["total_connections"]),
+        publish_one,
+        profile_path,
+        ready,
+        hub_routes(hub),
     )
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:

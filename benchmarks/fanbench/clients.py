@@ -552,17 +552,20 @@ def load_client(variant: str, loop: str) -> str:
 
 
 async def open_connection(
-    client: BaseClient, port: int, rcvbuf: int | None = None
+    client: BaseClient, port: int, rcvbuf: int | None = None, mss: int | None = None
 ) -> asyncio.Transport:
     """Connect ``client`` to ``port``; with ``rcvbuf``, SO_RCVBUF is set before connecting (the
-    TCP window is agreed on then)."""
+    TCP window is agreed on then); with ``mss``, TCP_MAXSEG too (the MSS the client offers)."""
     loop = asyncio.get_running_loop()
-    if rcvbuf is None:
+    if rcvbuf is None and mss is None:
         transport, _ = await loop.create_connection(lambda: client, HOST, port)
         return transport
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if mss is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
         sock.setblocking(False)
         await loop.sock_connect(sock, (HOST, port))
     except BaseException:
@@ -585,15 +588,19 @@ async def connect_all(
     concurrency: int = 64,
     stalled: frozenset[int] = frozenset(),
     stalled_tally: Tally | None = None,
+    kind: Callable[[int, str, Tally, bool], BaseClient] | None = None,
+    stall_mss: int | None = None,
 ) -> tuple[list[BaseClient], list[BaseClient]]:
     """Client ``i`` connects to ``ports[i % len(ports)]`` (round robin over the nodes).
 
     ``tally.sockets`` healthy clients and ``len(stalled)`` stalled ones: the clients numbered in
     ``stalled`` get a small SO_RCVBUF and stop reading once open (their deliveries go to
-    ``stalled_tally``, which nothing waits for). Returns (healthy, stalled) clients.
+    ``stalled_tally``, which nothing waits for). Returns (healthy, stalled) clients. ``kind``:
+    the client class (default: the variant's, ``client_class``); ``stall_mss``: the MSS the
+    stalled clients offer (default: the loopback's).
     """
     batch = variant == BATCH_VARIANT
-    kind = client_class(variant)
+    kind = kind or client_class(variant)
     healthy: list[BaseClient] = []
     stopped: list[BaseClient] = []
     gate = asyncio.Semaphore(concurrency)
@@ -605,7 +612,9 @@ async def connect_all(
         async with gate:
             client = kind(port, f"user-{i}", idle_tally if stall else tally, batch)
             (stopped if stall else healthy).append(client)
-            transport = await open_connection(client, port, STALL_RCVBUF if stall else None)
+            transport = await open_connection(
+                client, port, STALL_RCVBUF if stall else None, stall_mss if stall else None
+            )
             await client.opened
             if stall:
                 transport.pause_reading()
