@@ -15,6 +15,7 @@ from .chart import draw_chart, results_path
 from .common import (
     BATCH_VARIANT,
     BENCH_DIR,
+    CHILD_MAX_LIFETIME,
     FULL,
     IDLE_SOCKETS,
     LOAD_CPU,
@@ -60,6 +61,9 @@ from .routing import routing_runs
 from .routing_report import routing_report
 from .runs import IdleResult, RunResult, print_idle, print_run, run_delivery, run_idle
 from .serve import UVICORN_WS_CHOICES, serve_main, server_description
+from .soak import QUICK_SOAK_DURATION, QUICK_SOAK_RATE, QUICK_SOAK_SOCKETS, SOAK_DURATION
+from .soak_report import soak_report
+from .soak_run import SoakResult, run_soak
 
 DESCRIPTION = "Fan-out benchmark: asgi-events against a raw ASGI loop and peer libraries."
 
@@ -76,9 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, help="runs per variant (default 3)")
     parser.add_argument("--timeout", type=float, default=120.0, help="delivery wait bound, s")
     parser.add_argument(
-        "--rate", type=float, help="steady: events/s (default: half the raw app's burst rate)"
+        "--rate",
+        type=float,
+        help="steady: events/s; soak: ticks/s (default: half the raw app's burst rate)",
     )
-    parser.add_argument("--duration", type=float, help="steady: seconds of publishing (10)")
+    parser.add_argument(
+        "--duration", type=float, help="steady, soak: seconds of publishing (10; soak 600)"
+    )
     parser.add_argument(
         "--uvicorn-ws",
         choices=UVICORN_WS_CHOICES,
@@ -152,6 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "Redis, with no per-user channels to route"
         )
     args.variants = [v for v in VARIANTS if v in (args.variants or default_variants(args))]
+    if args.mode == "soak" and args.variants != ["asgi-events"]:
+        parser.error("soak mode runs asgi-events only (the raw loop has no resume)")
     if args.mode not in ("burst", "routing") and REDIS_VARIANT in args.variants:
         parser.error(f"{REDIS_VARIANT} runs in burst and routing modes only")
     if args.redis == "cluster" and not args.serve and not args.chart_only:
@@ -166,12 +176,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--sockets, --events and --runs must be positive, --payload not negative")
     if (args.rate is not None and args.rate <= 0) or args.duration <= 0:
         parser.error("--rate and --duration must be positive")
+    if args.mode == "soak" and args.duration > CHILD_MAX_LIFETIME - 120:
+        parser.error(f"soak --duration: at most {CHILD_MAX_LIFETIME - 120:g} s (server lifetime)")
     return args
 
 
 def default_variants(args: argparse.Namespace) -> tuple[str, ...]:
     if args.mode == "routing":
         return (REDIS_VARIANT,)
+    if args.mode == "soak":
+        return ("asgi-events",)
     if args.mode == "idle":  # batching changes nothing on an idle socket
         return tuple(v for v in VARIANTS if v not in (REDIS_VARIANT, BATCH_VARIANT))
     if args.quick or args.mode != "burst":
@@ -181,6 +195,8 @@ def default_variants(args: argparse.Namespace) -> tuple[str, ...]:
 
 def apply_defaults(args: argparse.Namespace) -> None:
     defaults = QUICK if args.quick else FULL
+    if args.mode == "soak":  # one run; --quick: fewer sockets than the other modes' smoke runs
+        defaults = (QUICK_SOAK_SOCKETS if args.quick else FULL[0], *defaults[1:3], 1)
     for name, default in zip(("sockets", "events", "payload", "runs"), defaults, strict=True):
         if getattr(args, name) is None:
             if name == "sockets" and args.mode == "idle":
@@ -188,6 +204,8 @@ def apply_defaults(args: argparse.Namespace) -> None:
             if name == "events" and args.mode == "routing":
                 default = QUICK_ROUTING_EVENTS if args.quick else ROUTING_EVENTS
             setattr(args, name, default)
+    if args.duration is None and args.mode == "soak":
+        args.duration = QUICK_SOAK_DURATION if args.quick else SOAK_DURATION
     if args.duration is None:
         args.duration = QUICK_STEADY_DURATION if args.quick else STEADY_DURATION
     args.stall_min_wait = QUICK_STALL_MIN_WAIT if args.quick else STALL_MIN_WAIT
@@ -206,10 +224,11 @@ def results_suffix(args: argparse.Namespace) -> str:
         suffix += f"-n{args.sockets}-m{args.events}-p{args.payload}"
     if args.server == "uvicorn" and args.uvicorn_ws != "auto":
         suffix += f"-{args.uvicorn_ws}"
-    if args.mode == "steady" and args.rate_given:
+    if args.mode in ("steady", "soak") and args.rate_given:
         suffix += f"-r{args.rate:g}"
-    if args.mode == "steady" and args.duration != STEADY_DURATION:
-        suffix += f"-d{args.duration:g}"
+    if args.mode in ("steady", "soak"):
+        default = SOAK_DURATION if args.mode == "soak" else STEADY_DURATION
+        suffix += f"-d{args.duration:g}" if args.duration != default else ""
     if args.explicit_variants and args.variants != list(default_variants(args)):
         suffix += "-" + "+".join(args.variants)  # a subset: not the real results either
     return suffix
@@ -239,7 +258,7 @@ def report_header(args: argparse.Namespace, pinned: str, nofile: int, digest: st
     ]
 
 
-R = TypeVar("R", RunResult, IdleResult)
+R = TypeVar("R", RunResult, IdleResult, SoakResult)
 
 
 def quiet_then(args: argparse.Namespace, run: Callable[[], Coroutine[Any, Any, R]]) -> R:
@@ -290,6 +309,21 @@ def calibrate_rate(args: argparse.Namespace) -> str:
         + (f", that run flagged {flagged}" if flagged else "")
         + "."
     )
+
+
+def soak_rate(args: argparse.Namespace) -> str:
+    """Soak mode's rate, unless given: half the raw app's capacity, calibrated as steady mode
+    does it (with steady mode's load client); --quick: a fixed low rate."""
+    if args.rate is None and args.quick:
+        args.rate = QUICK_SOAK_RATE
+        return "Quick run: a fixed rate, not calibrated."
+    steady = argparse.Namespace(**vars(args))
+    steady.mode = "steady"
+    if args.rate is None:
+        choose_load_client(steady)
+    note = calibrate_rate(steady)
+    args.rate = steady.rate
+    return note
 
 
 def steady_runs(args: argparse.Namespace, variants: list[str]) -> list[RunResult]:
@@ -421,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
             results = stalled_runs(args, variants)
         elif args.mode == "routing":
             results = routing_runs(args)
+        elif args.mode == "soak":
+            rate_note = soak_rate(args)
+            print(f"  {rate_note}", flush=True)
+            results = [quiet_then(args, partial(run_soak, args))]
         else:
             results = idle_runs(args, variants)
 
@@ -441,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             results,
         )
     print(f"written to {out.relative_to(BENCH_DIR.parent)}")
-    if not suffix:  # a full run: redraw the chart with it
+    if not suffix and args.mode != "soak":  # a full run: redraw the chart with it
         chart = draw_chart()
         if chart is not None:
             print(f"chart: {chart.relative_to(BENCH_DIR.parent)}")
@@ -467,4 +505,6 @@ def make_report(
         return stalled_report(args, results, header)
     if args.mode == "routing":
         return routing_report(args, results, header)
+    if args.mode == "soak":
+        return soak_report(args, results, header, rate_note)
     return idle_report(args, results, header)

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 HOST = "127.0.0.1"
 SERVERS = ("hypercorn-asyncio", "hypercorn-trio", "uvicorn")
 ASYNCIO_SERVERS = ("hypercorn-asyncio", "uvicorn")  # the peer variants run on asyncio only
-MODES = ("burst", "steady", "stalled", "idle", "routing")
+MODES = ("burst", "steady", "stalled", "idle", "routing", "soak")
 
 REDIS_VARIANT = "asgi-events-redis"  # two nodes on one redis-server
 BATCH_VARIANT = "asgi-events-batch"  # the asgi-events server; clients offer the batch subprotocol
