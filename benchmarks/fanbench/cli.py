@@ -10,7 +10,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .cclient import LOAD_CLIENTS, choose_load_client, deflate_error, load_client_description
+from .cclient import (
+    LOAD_CLIENTS,
+    choose_load_client,
+    deflate_error,
+    load_client_description,
+    uses_c,
+)
 from .chart import draw_chart, results_path
 from .common import (
     BATCH_VARIANT,
@@ -220,7 +226,10 @@ def results_suffix(args: argparse.Namespace) -> str:
         return suffix
     sockets = IDLE_SOCKETS if args.mode == "idle" else FULL[0]
     events = ROUTING_EVENTS if args.mode == "routing" else FULL[1]
-    if (args.sockets, args.events, args.payload) != (sockets, events, FULL[2]):
+    if args.mode == "soak":  # (--events means nothing there)
+        if (args.sockets, args.payload) != (FULL[0], FULL[2]):
+            suffix += f"-n{args.sockets}-p{args.payload}"
+    elif (args.sockets, args.events, args.payload) != (sockets, events, FULL[2]):
         suffix += f"-n{args.sockets}-m{args.events}-p{args.payload}"
     if args.server == "uvicorn" and args.uvicorn_ws != "auto":
         suffix += f"-{args.uvicorn_ws}"
@@ -323,6 +332,9 @@ def soak_rate(args: argparse.Namespace) -> str:
         choose_load_client(steady)
     note = calibrate_rate(steady)
     args.rate = steady.rate
+    if not args.rate_given:
+        client = "the C" if uses_c(steady, "raw") else f"the Python ({args.load_loop})"
+        note += f" The calibration run used {client} load client."
     return note
 
 
