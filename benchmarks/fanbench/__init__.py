@@ -5,5 +5,6 @@ Modules: ``common`` (constants, process and machine helpers), ``apps`` (the serv
 load side), ``clients`` (the load process's WebSocket clients), ``runs`` (one run of each
 mode), ``report`` (Markdown and saved results), ``chart`` (the PNG) and ``cli`` (options and
 the interleaving of runs); ``scale`` and ``scale_report`` are ``benchmarks/scale.py``'s (the
-burst at several N, and its Markdown, JSON and chart).
+burst at several N, and its Markdown, JSON and chart); ``soak`` (its clients: drops, resumes,
+stalls), ``soak_run`` and ``soak_report`` are the soak mode's.
 """
