@@ -133,23 +133,18 @@ class Senders:
             if perf_counter() >= self._deadline:
                 park = await self._pause()
                 continue
-            if await self._turn(sender, ready.popleft()):
+            # One turn: send for the stream, inline (a turn per delivery under steady load).
+            outbox = sender.outbox = ready.popleft()
+            await outbox.drain(TURN)
+            sender.outbox = None
+            if sender.retired:
+                # Replaced while its send was stuck: it finishes this socket's queue alone.
+                if outbox.scheduled and not outbox.finished:
+                    await outbox.drain(math.inf)
+                outbox.stuck(None)
                 return
-
-    async def _turn(self, sender: _Sender, outbox: Outbox) -> bool:
-        """Send for ``outbox``; True if this sender was retired meanwhile (it is done)."""
-        sender.outbox = outbox
-        await outbox.drain(TURN)
-        sender.outbox = None
-        if outbox.scheduled and not outbox.finished:
-            if not sender.retired:
-                self._ready.append(outbox)  # more queued: back in line
-                return False
-            # Replaced while its send was stuck: it finishes this socket's queue alone.
-            await outbox.drain(math.inf)
-        if sender.retired:
-            outbox.stuck(None)
-        return sender.retired
+            if outbox.scheduled and not outbox.finished:
+                ready.append(outbox)  # more queued: back in line
 
     async def _pause(self) -> bool:
         """The slice is used up: let every other task run, and the loop poll for I/O, once.
