@@ -12,8 +12,10 @@ server. Each case's nanoseconds per delivery, median of several rounds:
 - ``senders, TURN=t``: the whole path with the senders; with ``SLICE`` at its value and, to
   price the slices (a yield to the event loop every ``SLICE`` seconds of sending), unbounded.
 
-So ``senders - push - drain`` is the sender scheduling (taking a stream off the ready queue,
-one ``drain`` call per turn, putting it back), and ``senders - senders (no slices)`` the slices.
+``senders - raw loop`` is what the hub adds to a delivery; ``drain - raw loop`` is the drain's
+own part (both pay the fake send), the rest push and the sender scheduling (taking a stream off
+the ready queue, one ``drain`` call per turn, putting it back); ``senders - senders (no
+slices)`` is the slices. Each case runs on a hub of its own, so the parts need not add up.
 The server's own send (WebSocket framing, the transport's write, the syscall) is not here: it is
 the raw variant's server CPU per delivery in ``fanout.py`` runs.
 
@@ -130,7 +132,6 @@ async def push_and_drain(n: int, m: int) -> tuple[float, float]:
 async def raw_loop(n: int, m: int) -> float:
     socket = CountingSocket()
     sends = [socket.send] * n
-    frame: Message = {"type": "websocket.send", "text": codec.encode(EVENT)}
     gc.collect()
     start = time.perf_counter()
     for _ in range(m):

@@ -8,7 +8,7 @@ deliveries/s, p99 and server RSS against N, as Markdown, JSON and a chart in
     .venv/bin/python benchmarks/scale.py --quick                  # smoke: N = 20 and 50
     .venv/bin/python benchmarks/scale.py --chart-only             # redraw from the JSON
 
-The code is ``fanbench/scale.py`` (and ``scale_chart.py``) next to this file.
+The code is ``fanbench/scale.py`` (and ``scale_report.py``) next to this file.
 """
 
 from __future__ import annotations

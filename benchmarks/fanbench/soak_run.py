@@ -204,18 +204,22 @@ async def timeline(
     )
     buckets: list[Bucket] = []
     latencies: array[int] = array("q")
-    for second in range(1, seconds + 1):
-        await asyncio.sleep(max(0.0, start.at + second - time.perf_counter()))
-        if publish.done():
-            break
-        churn.drop(drops)
-        churn.check_stalled((await stats_of(node.port))["connections_per_user"])
-        latencies.extend(tally.take_latencies())
-        if second % bucket_s == 0 and second < seconds:
-            now = await probe(node, churn)
-            buckets.append(make_bucket(len(buckets) + 1, start.at, last, now, latencies))
-            print_bucket(buckets[-1])
-            last, latencies = now, array("q")
+    try:
+        for second in range(1, seconds + 1):
+            await asyncio.sleep(max(0.0, start.at + second - time.perf_counter()))
+            if publish.done():
+                break
+            churn.drop(drops)
+            churn.check_stalled((await stats_of(node.port))["connections_per_user"])
+            latencies.extend(tally.take_latencies())
+            if second % bucket_s == 0 and second < seconds:
+                now = await probe(node, churn)
+                buckets.append(make_bucket(len(buckets) + 1, start.at, last, now, latencies))
+                print_bucket(buckets[-1])
+                last, latencies = now, array("q")
+    except BaseException:
+        publish.cancel()  # (no publishing request left behind)
+        raise
     status, answer = await publish
     if status != 200:
         raise RuntimeError(f"POST /publish-soak answered {status}: {answer}")

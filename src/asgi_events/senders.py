@@ -145,6 +145,7 @@ class Senders:
                 return
             if outbox.scheduled and not outbox.finished:
                 ready.append(outbox)  # more queued: back in line
+            del outbox  # (an idle sender keeps no closed socket alive)
 
     async def _pause(self) -> bool:
         """The slice is used up: let every other task run, and the loop poll for I/O, once.
